@@ -1,0 +1,16 @@
+//! `nlp`: the whole life of a language model from the command line.
+//!
+//! Everything the binary does is a library call, so tests, benchmarks and other
+//! programs use the same code. See DESIGN.md in the shared notes for the module map.
+
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod fsutil;
+pub mod lm;
+pub mod progress;
+
+pub use error::{Error, Result};

@@ -1,0 +1,55 @@
+//! `LanguageModel`: the one interface that decoding and evaluation see.
+//!
+//! The n-gram model and the transformer both implement it, so `generate` and `eval`
+//! work on either. Log-probabilities cross this interface on the host, as `f32`
+//! natural logarithms (nats), one entry per vocabulary id.
+
+use crate::Result;
+
+/// A left-to-right model of token sequences.
+///
+/// A `State` is everything the model needs to continue a prefix (an n-gram
+/// context, a KV cache). States are cheap to fork by `Clone`, which is what beam
+/// search, MBR sampling and speculative drafting rely on.
+pub trait LanguageModel {
+    /// The model's memory of a prefix.
+    type State: Clone;
+
+    /// Number of token ids the model assigns probabilities to.
+    fn vocab_size(&self) -> usize;
+
+    /// The state before the first token (after the beginning-of-sequence marker,
+    /// for models that have one).
+    fn initial_state(&self) -> Self::State;
+
+    /// Consumes one token, moving the state forward.
+    fn advance(&self, state: &mut Self::State, token: u32) -> Result<()>;
+
+    /// Next-token log-probabilities (nats) for several states at once: one row of
+    /// `vocab_size()` entries per state. Batching lets a model that can run one
+    /// forward pass for many prefixes do so.
+    fn next_logprobs(&self, states: &[Self::State]) -> Result<Vec<Vec<f32>>>;
+
+    /// Log-probability (nats) of each token of `tokens` given the tokens before it,
+    /// starting from [`LanguageModel::initial_state`].
+    fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut state = self.initial_state();
+        let mut logprobs = Vec::with_capacity(tokens.len());
+        for &token in tokens {
+            let row = self.next_logprobs(std::slice::from_ref(&state))?;
+            let logprob = row
+                .first()
+                .and_then(|r| r.get(token as usize))
+                .copied()
+                .ok_or_else(|| {
+                    crate::Error::Invalid(format!(
+                        "token id {token} is outside the model's vocabulary of {}",
+                        self.vocab_size()
+                    ))
+                })?;
+            logprobs.push(logprob);
+            self.advance(&mut state, token)?;
+        }
+        Ok(logprobs)
+    }
+}
