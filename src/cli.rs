@@ -68,8 +68,174 @@ pub enum Command {
     /// Corpora: list the known ones and where they were found, or download one.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Count-based n-gram language models: train (modified Kneser-Ney as KenLM's
+    /// lmplz, and the classic alternatives), query, convert ARPA <-> binary.
+    #[command(subcommand)]
+    Ngram(NgramCommand),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,
+}
+
+impl Command {
+    /// Configuration overrides implied by this command's own flags, as
+    /// `section.key=value` assignments applied after `--set`.
+    pub fn config_overrides(&self) -> Vec<String> {
+        match self {
+            Command::Ngram(NgramCommand::Train(args)) => args.config_overrides(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// `nlp ngram ...`
+#[derive(Debug, Subcommand)]
+pub enum NgramCommand {
+    /// Estimate a model from text, one sentence per line, words split on whitespace.
+    ///
+    /// Modified Kneser-Ney (the default) reproduces KenLM's `lmplz`. Example:
+    /// `nlp ngram train --order 5 tinyshakespeare -o shakespeare.arpa`
+    Train(NgramTrainArgs),
+    /// Score text: per-sentence log10 probabilities, OOVs and perplexity, as KenLM's
+    /// `query` reports them.
+    ///
+    /// Example: `nlp ngram query -m shakespeare.bin ptb-valid`
+    Query(NgramQueryArgs),
+    /// Convert a model between ARPA (plain or gzip) and the binary format.
+    ///
+    /// The binary format memory-maps and loads many times faster than parsing ARPA.
+    /// Example: `nlp ngram convert shakespeare.arpa -o shakespeare.bin`
+    Convert(NgramConvertArgs),
+}
+
+/// Output format of a model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelFormat {
+    /// ARPA text, readable by KenLM, SRILM and others.
+    Arpa,
+    /// nlp's memory-mapped binary format.
+    Binary,
+}
+
+/// `nlp ngram train`
+#[derive(Debug, Args)]
+pub struct NgramTrainArgs {
+    /// Training text: a path or a known corpus name (default: the config's data.corpus).
+    pub corpus: Option<String>,
+
+    /// Where to write the model.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Output format; by default taken from the extension (.arpa or .bin).
+    #[arg(long, value_enum)]
+    pub format: Option<ModelFormat>,
+
+    /// The highest order N [config: ngram.order, default 3].
+    #[arg(long, value_name = "N")]
+    pub order: Option<u64>,
+
+    /// mkn (modified Kneser-Ney), kn (Kneser-Ney), wb (Witten-Bell), add-k,
+    /// jm (Jelinek-Mercer) or mle [config: ngram.smoothing, default mkn].
+    #[arg(long, value_name = "METHOD")]
+    pub smoothing: Option<String>,
+
+    /// Pruning thresholds per order, as lmplz's --prune: n-grams of order n >= 2
+    /// seen at most T_n times are dropped; the first value must be 0 and the last
+    /// repeats for higher orders.
+    #[arg(long, num_args = 1.., value_name = "T")]
+    pub prune: Vec<u64>,
+
+    /// Drop literal <s>, </s> and <unk> from the training text (lmplz's
+    /// --skip_symbols); without it such a token is an error.
+    #[arg(long)]
+    pub skip_symbols: bool,
+
+    /// 1: interpolate unigrams with the uniform distribution (lmplz's default);
+    /// 0: give <unk> the left-over unigram mass instead.
+    #[arg(long, value_name = "0|1", value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub interpolate_unigrams: Option<u8>,
+
+    /// Memory budget for counting, e.g. 512M or 2G; beyond it sorted runs spill to
+    /// temporary files and are merged [config: ngram.memory, default 1G].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// k for add-k smoothing [config: ngram.add_k, default 1].
+    #[arg(long, value_name = "K")]
+    pub add_k: Option<f64>,
+
+    /// Held-out text for tuning Jelinek-Mercer weights (default: the last 10% of
+    /// the training lines).
+    #[arg(long, value_name = "TEXT")]
+    pub heldout: Option<String>,
+}
+
+impl NgramTrainArgs {
+    fn config_overrides(&self) -> Vec<String> {
+        let mut sets = Vec::new();
+        if let Some(order) = self.order {
+            sets.push(format!("ngram.order={order}"));
+        }
+        if let Some(smoothing) = &self.smoothing {
+            sets.push(format!("ngram.smoothing={}", toml_string(smoothing)));
+        }
+        if !self.prune.is_empty() {
+            let list: Vec<String> = self.prune.iter().map(u64::to_string).collect();
+            sets.push(format!("ngram.prune=[{}]", list.join(", ")));
+        }
+        if self.skip_symbols {
+            sets.push("ngram.skip_symbols=true".to_string());
+        }
+        if let Some(flag) = self.interpolate_unigrams {
+            sets.push(format!("ngram.interpolate_unigrams={}", flag == 1));
+        }
+        if let Some(memory) = &self.memory {
+            sets.push(format!("ngram.memory={}", toml_string(memory)));
+        }
+        if let Some(k) = self.add_k {
+            sets.push(format!("ngram.add_k={k:?}"));
+        }
+        if let Some(corpus) = &self.corpus {
+            sets.push(format!("data.corpus={}", toml_string(corpus)));
+        }
+        sets
+    }
+}
+
+/// A TOML string literal.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+/// `nlp ngram query`
+#[derive(Debug, Args)]
+pub struct NgramQueryArgs {
+    /// The model: ARPA (plain or gzip) or binary.
+    #[arg(short, long, value_name = "MODEL")]
+    pub model: PathBuf,
+
+    /// Text to score, one sentence per line: a path, a known corpus name, or - for stdin.
+    #[arg(default_value = "-")]
+    pub text: String,
+
+    /// Also print each sentence's log10 probability, OOV count and token count.
+    #[arg(long)]
+    pub per_sentence: bool,
+}
+
+/// `nlp ngram convert`
+#[derive(Debug, Args)]
+pub struct NgramConvertArgs {
+    /// The model to read: ARPA (plain or gzip) or binary.
+    pub input: PathBuf,
+
+    /// Where to write it.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Output format; by default taken from the extension (.arpa or .bin).
+    #[arg(long, value_enum)]
+    pub format: Option<ModelFormat>,
 }
 
 /// `nlp data ...`

@@ -22,6 +22,8 @@ pub struct Config {
     pub run: RunConfig,
     /// Where text comes from.
     pub data: DataConfig,
+    /// `nlp ngram train`.
+    pub ngram: NgramConfig,
 }
 
 /// `[run]`: settings every command shares.
@@ -59,6 +61,66 @@ impl Default for DataConfig {
     }
 }
 
+/// `[ngram]`: how `nlp ngram train` estimates a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NgramConfig {
+    /// The highest order N.
+    pub order: u64,
+    /// mkn, kn, wb, add-k, jm or mle.
+    pub smoothing: String,
+    /// Pruning thresholds per order, as lmplz's --prune (empty: none).
+    pub prune: Vec<u64>,
+    /// Drop literal <s>, </s> and <unk> from the training text.
+    pub skip_symbols: bool,
+    /// Interpolate unigrams with the uniform distribution (lmplz's default).
+    pub interpolate_unigrams: bool,
+    /// Memory budget for counting, e.g. "1G"; beyond it counts spill to disk.
+    pub memory: String,
+    /// k of add-k smoothing.
+    pub add_k: f64,
+}
+
+impl Default for NgramConfig {
+    fn default() -> Self {
+        NgramConfig {
+            order: 3,
+            smoothing: "mkn".to_string(),
+            prune: Vec::new(),
+            skip_symbols: false,
+            interpolate_unigrams: true,
+            memory: "1G".to_string(),
+            add_k: 1.0,
+        }
+    }
+}
+
+/// Parses a byte size: a number with an optional K, M, G or T suffix (powers of
+/// 1024, optionally followed by `B` or `iB`), e.g. `512M`, `1G`, `2000000`.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let trimmed = text.trim();
+    let upper = trimmed.to_ascii_uppercase();
+    let without_b = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (number, shift) = match without_b.chars().last() {
+        Some('K') => (&without_b[..without_b.len() - 1], 10),
+        Some('M') => (&without_b[..without_b.len() - 1], 20),
+        Some('G') => (&without_b[..without_b.len() - 1], 30),
+        Some('T') => (&without_b[..without_b.len() - 1], 40),
+        _ => (without_b, 0),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{trimmed}` is not a size; expected e.g. 512M, 1G or 2000000"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("`{trimmed}`: a size must be positive"));
+    }
+    Ok((value * (1u64 << shift) as f64) as u64)
+}
+
 /// Where a configuration value came from, for error messages.
 #[derive(Debug, Clone)]
 enum Origin {
@@ -70,7 +132,7 @@ impl Origin {
     fn path(&self) -> PathBuf {
         match self {
             Origin::File(path) => path.clone(),
-            Origin::Override => PathBuf::from("--set"),
+            Origin::Override => PathBuf::from("command line"),
         }
     }
 }
@@ -242,6 +304,18 @@ impl Config {
     pub fn validate(&self) -> std::result::Result<(), (String, String)> {
         self.device()
             .map_err(|e| ("run.device".to_string(), e.to_string()))?;
+        let ngram = &self.ngram;
+        if ngram.order < 1 {
+            return Err(("ngram.order".to_string(), "must be at least 1".to_string()));
+        }
+        ngram
+            .smoothing
+            .parse::<crate::ngram::Smoothing>()
+            .map_err(|e| ("ngram.smoothing".to_string(), e.to_string()))?;
+        parse_size(&ngram.memory).map_err(|e| ("ngram.memory".to_string(), e))?;
+        if !(ngram.add_k > 0.0 && ngram.add_k.is_finite()) {
+            return Err(("ngram.add_k".to_string(), "must be a positive number".to_string()));
+        }
         if self.data.corpus.trim().is_empty() {
             return Err((
                 "data.corpus".to_string(),
@@ -313,7 +387,7 @@ mod tests {
             .build()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--set") && err.contains("run.device"), "{err}");
+        assert!(err.contains("command line") && err.contains("run.device"), "{err}");
     }
 
     #[test]
@@ -328,6 +402,27 @@ mod tests {
         assert_eq!(config.data.corpus, "ptb-valid");
         assert_eq!(config.run.device, "cpu");
         assert!(ConfigBuilder::new().set("run.seed").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("2000000"), Ok(2_000_000));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5kB"), Ok(1536));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1G").is_err());
+    }
+
+    #[test]
+    fn ngram_values_are_validated_with_their_key() {
+        let err = ConfigBuilder::new().set("ngram.smoothing=good-turing").unwrap().build().unwrap_err();
+        assert!(err.to_string().contains("ngram.smoothing"), "{err}");
+        let err = ConfigBuilder::new().set("ngram.order=0").unwrap().build().unwrap_err();
+        assert!(err.to_string().contains("ngram.order"), "{err}");
+        let err = ConfigBuilder::new().set("ngram.memory=much").unwrap().build().unwrap_err();
+        assert!(err.to_string().contains("ngram.memory"), "{err}");
     }
 
     #[test]

@@ -5,8 +5,13 @@
 //! up in `$NLP_DATA_DIR`, then `./data`, then `../shared/data`. Nothing large is
 //! committed to the repository: `nlp data fetch` downloads a known corpus and checks
 //! its SHA-256.
+//!
+//! A corpus argument may end in a slice by share of bytes, snapped to line starts:
+//! `tinyshakespeare[:90%]` is the first 90% (nanoGPT's training part),
+//! `tinyshakespeare[90%:]` the rest.
 
-use std::io::Read;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -90,6 +95,112 @@ fn find_in_dirs(file_name: &str) -> Option<PathBuf> {
 /// Where a known corpus is found now, if anywhere.
 pub fn locate(corpus: &KnownCorpus) -> Option<PathBuf> {
     find_in_dirs(corpus.file_name)
+}
+
+/// A resolved corpus: a file, and optionally the part of it to read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Corpus {
+    /// The file.
+    pub path: PathBuf,
+    /// Start and end as shares of the file's bytes, each in [0, 1].
+    pub slice: Option<(f64, f64)>,
+}
+
+impl Corpus {
+    /// The byte range to read: the slice's ends moved forward to the next line start.
+    pub fn byte_range(&self) -> Result<(u64, u64)> {
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(&self.path, e))?.len();
+        let Some((start, end)) = self.slice else {
+            return Ok((0, len));
+        };
+        let mut snap = |share: f64| -> Result<u64> {
+            let offset = ((len as f64) * share).round() as u64;
+            if offset == 0 || offset >= len {
+                return Ok(offset.min(len));
+            }
+            // The offset belongs to the line that holds byte offset - 1.
+            file.seek(SeekFrom::Start(offset - 1))
+                .map_err(|e| Error::io(&self.path, e))?;
+            let mut skipped = Vec::new();
+            BufReader::new(&mut file)
+                .read_until(b'\n', &mut skipped)
+                .map_err(|e| Error::io(&self.path, e))?;
+            Ok(offset - 1 + skipped.len() as u64)
+        };
+        Ok((snap(start)?, snap(end)?))
+    }
+
+    /// A buffered reader over the corpus (or its slice).
+    pub fn open(&self) -> Result<Box<dyn BufRead + Send>> {
+        let (start, end) = self.byte_range()?;
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(Box::new(BufReader::with_capacity(1 << 16, file.take(end - start))))
+    }
+
+    /// The whole file, when no slice is asked for.
+    pub fn whole_file(&self) -> Option<&Path> {
+        self.slice.is_none().then_some(self.path.as_path())
+    }
+}
+
+impl std::fmt::Display for Corpus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some((start, end)) = self.slice {
+            write!(f, "[{}%:{}%]", start * 100.0, end * 100.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Splits `name[a%:b%]` into the name and the slice.
+fn parse_slice(arg: &str) -> Result<(&str, Option<(f64, f64)>)> {
+    let Some(inner) = arg.strip_suffix(']') else {
+        return Ok((arg, None));
+    };
+    let Some(open) = inner.rfind('[') else {
+        return Ok((arg, None));
+    };
+    let (name, spec) = (&inner[..open], &inner[open + 1..]);
+    let invalid = || {
+        Error::Invalid(format!(
+            "corpus `{arg}`: a slice is written [START%:END%], e.g. tinyshakespeare[:90%] or tinyshakespeare[90%:]"
+        ))
+    };
+    let (start, end) = spec.split_once(':').ok_or_else(invalid)?;
+    let share = |text: &str, default: f64| -> Result<f64> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(default);
+        }
+        let percent: f64 = text
+            .strip_suffix('%')
+            .ok_or_else(invalid)?
+            .trim()
+            .parse()
+            .map_err(|_| invalid())?;
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(invalid());
+        }
+        Ok(percent / 100.0)
+    };
+    let (start, end) = (share(start, 0.0)?, share(end, 1.0)?);
+    if start >= end {
+        return Err(Error::Invalid(format!("corpus `{arg}`: the slice is empty")));
+    }
+    Ok((name, Some((start, end))))
+}
+
+/// Resolves a corpus argument (a path or a known name, optionally sliced).
+pub fn resolve(arg: &str) -> Result<Corpus> {
+    let (name, slice) = parse_slice(arg)?;
+    Ok(Corpus {
+        path: resolve_corpus(name)?,
+        slice,
+    })
 }
 
 /// Resolves a corpus argument to a readable file.
@@ -216,6 +327,38 @@ mod tests {
         let path = shared_data("ptb.valid.txt");
         let arg = path.to_str().unwrap();
         assert_eq!(resolve_corpus(arg).unwrap(), path);
+    }
+
+    fn read_all(corpus: &Corpus) -> String {
+        let mut text = String::new();
+        corpus.open().unwrap().read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn complementary_slices_split_at_a_line_start_and_cover_the_file() {
+        let path = shared_data("tinyshakespeare.txt");
+        let whole = std::fs::read_to_string(&path).unwrap();
+        let arg = path.to_str().unwrap();
+        let train = read_all(&resolve(&format!("{arg}[:90%]")).unwrap());
+        let valid = read_all(&resolve(&format!("{arg}[90%:]")).unwrap());
+        assert_eq!(format!("{train}{valid}"), whole);
+        assert!(train.ends_with('\n'));
+        // The cut is the first line start at or after 90% of the bytes.
+        let cut = train.len();
+        let target = (whole.len() as f64 * 0.9).round() as usize;
+        assert!(cut >= target && !whole[target - 1..cut - 1].contains('\n'), "cut {cut} target {target}");
+    }
+
+    #[test]
+    fn slices_are_validated() {
+        let path = shared_data("ptb.valid.txt");
+        let arg = path.to_str().unwrap();
+        for bad in ["[50%:10%]", "[a:b]", "[:120%]", "[10]"] {
+            assert!(resolve(&format!("{arg}{bad}")).is_err(), "{bad}");
+        }
+        let whole = resolve(&format!("{arg}[:]")).unwrap();
+        assert_eq!(whole.byte_range().unwrap(), (0, std::fs::metadata(&path).unwrap().len()));
     }
 
     #[test]

@@ -6,13 +6,10 @@ use std::path::PathBuf;
 /// Everything that can go wrong inside the `nlp` library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be opened, read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be opened, read or written. (The I/O error is part of
+    /// the message rather than a `source`, so `{:#}` does not print it twice.)
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
     /// A file was read but its content is malformed at a given line.
     #[error("{}:{line}: {message}", path.display())]
     Parse {
@@ -30,6 +27,16 @@ pub enum Error {
     /// A corpus name could not be resolved to a file.
     #[error("{0}")]
     CorpusNotFound(String),
+    /// An error from the tensor library, with what was being done.
+    #[error("{0}")]
+    Tensor(String),
+    /// A JSON file (such as `tokenizer.json`) has a missing, malformed or unsupported field.
+    #[error("{}: {field}: {message}", path.display())]
+    Json {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     /// An argument or input that the library cannot work with.
     #[error("{0}")]
     Invalid(String),
@@ -40,7 +47,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod lm;
+pub mod ngram;
 pub mod progress;
 
 pub use error::{Error, Result};

@@ -41,11 +41,14 @@ fn report_usage_error(err: clap::Error) -> ExitCode {
     }
 }
 
-/// Logs go to stderr; -q keeps errors only, -v/-vv add debug/trace; RUST_LOG wins.
+/// Logs go to stderr: progress notes on a terminal, only warnings off one (CI
+/// logs, pipes); -q keeps errors only, -v/-vv add debug/trace; RUST_LOG wins.
 fn init_logging(quiet: bool, verbose: u8) {
+    let terminal = std::io::stderr().is_terminal();
     let level = match (quiet, verbose) {
         (true, _) => "error",
-        (false, 0) => "info",
+        (false, 0) if terminal => "info",
+        (false, 0) => "warn",
         (false, 1) => "debug",
         (false, _) => "trace",
     };
@@ -54,7 +57,7 @@ fn init_logging(quiet: bool, verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(terminal)
         .with_target(false)
         .without_time()
         .init();

@@ -253,3 +253,202 @@ fn no_command_prints_help_and_fails() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("Usage"));
 }
+
+// ---------------------------------------------------------------------------
+// nlp ngram
+
+/// The first `n` lines of a shared corpus, written into the sandbox.
+fn head_lines(sandbox: &Sandbox, corpus: &str, skip: usize, take: usize, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(shared().join("data").join(corpus)).unwrap();
+    let lines: String = text.split_inclusive('\n').skip(skip).take(take).collect();
+    sandbox.write(name, &lines)
+}
+
+/// log10 prob and backoff of every n-gram of an ARPA file (plain or gzip).
+fn read_arpa_table(path: &Path) -> std::collections::HashMap<String, (f64, f64)> {
+    use std::io::Read;
+    let bytes = std::fs::read(path).unwrap();
+    let mut text = String::new();
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(bytes.as_slice()).read_to_string(&mut text).unwrap();
+    } else {
+        text = String::from_utf8(bytes).unwrap();
+    }
+    let mut table = std::collections::HashMap::new();
+    let mut in_section = false;
+    for line in text.lines() {
+        if line.starts_with('\\') {
+            in_section = line.ends_with("-grams:");
+            continue;
+        }
+        if !in_section || line.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        let backoff = fields.get(2).map_or(0.0, |b| b.parse().unwrap());
+        table.insert(fields[1].to_string(), (fields[0].parse().unwrap(), backoff));
+    }
+    table
+}
+
+#[test]
+fn ngram_train_reproduces_lmplz_and_query_reproduces_kenlm_query() {
+    let sandbox = Sandbox::new();
+    let train = head_lines(&sandbox, "tinyshakespeare.txt", 0, 2000, "train.txt");
+    head_lines(&sandbox, "tinyshakespeare.txt", 2000, 200, "test.txt");
+    let out = sandbox
+        .nlp()
+        .args(["ngram", "train", "--order", "3"])
+        .arg(&train)
+        .args(["-o", "model.arpa"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Every n-gram of lmplz's model, and no other, within 1e-4 in log10.
+    let ours = read_arpa_table(&sandbox.path().join("model.arpa"));
+    let kenlm = read_arpa_table(&shared().join("fixtures/kenlm/tinyshakespeare2000_o3.arpa.gz"));
+    assert_eq!(ours.len(), kenlm.len());
+    for (ngram, (prob, backoff)) in &kenlm {
+        let (our_prob, our_backoff) = ours.get(ngram).unwrap_or_else(|| panic!("missing {ngram}"));
+        assert!((our_prob - prob).abs() < 1e-4 && (our_backoff - backoff).abs() < 1e-4, "{ngram}");
+    }
+
+    // KenLM's `query -v summary` figures (fixture README), from ARPA and from binary.
+    let out = sandbox.nlp().args(["ngram", "convert", "model.arpa", "-o", "model.bin"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for model in ["model.arpa", "model.bin"] {
+        let out = sandbox
+            .nlp()
+            .args(["--json", "ngram", "query", "-m", model, "--per-sentence", "test.txt"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let close = |key: &str, expected: f64| {
+            let got = report[key].as_f64().unwrap();
+            assert!(((got - expected) / expected).abs() < 1e-6, "{model} {key}: {got} vs {expected}");
+        };
+        close("perplexity", 293.20571895921455);
+        close("perplexity_excl_oov", 133.78653336148176);
+        assert_eq!(report["oov"], 190);
+        assert_eq!(report["tokens"], 1127);
+        let first: Vec<f64> = report["sentences"].as_array().unwrap()[..3]
+            .iter()
+            .map(|s| s["log10_prob"].as_f64().unwrap())
+            .collect();
+        for (got, expected) in first.iter().zip([-0.6812177, -1.595737, -10.614995]) {
+            assert!((got - expected).abs() < 1e-5, "{model}: {got} vs {expected}");
+        }
+    }
+}
+
+#[test]
+fn ngram_query_reads_stdin_and_gzip_arpa_from_other_tools() {
+    let sandbox = Sandbox::new();
+    let fixture = shared().join("fixtures/kenlm/wikitext2valid_o3.arpa.gz");
+    let ptb = std::fs::read(shared().join("data/ptb.valid.txt")).unwrap();
+    let out = sandbox
+        .nlp()
+        .args(["--json", "ngram", "query", "-m"])
+        .arg(&fixture)
+        .write_stdin(ptb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let perplexity = report["perplexity"].as_f64().unwrap();
+    assert!((perplexity / 3058.2512559701154 - 1.0).abs() < 1e-6, "{perplexity}");
+    assert_eq!(report["oov"], 12945);
+    assert_eq!(report["tokens"], 73760);
+}
+
+#[test]
+fn ngram_train_on_a_corpus_slice_by_name() {
+    // nanoGPT's split of Tiny Shakespeare: the first 90% to train, the rest to test.
+    let sandbox = Sandbox::new();
+    let out = sandbox
+        .nlp()
+        .env("NLP_DATA_DIR", shared().join("data"))
+        .args(["--json", "ngram", "train", "--order", "2", "tinyshakespeare[:90%]", "-o", "m.bin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sandbox
+        .nlp()
+        .env("NLP_DATA_DIR", shared().join("data"))
+        .args(["--json", "ngram", "query", "-m", "m.bin", "tinyshakespeare[90%:]"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Held-out lines: some words are unseen, and the model is far better than uniform.
+    assert!(report["oov"].as_u64().unwrap() > 0);
+    let vocab_words = 12_000.0;
+    assert!(report["perplexity_excl_oov"].as_f64().unwrap() < vocab_words);
+}
+
+#[test]
+fn ngram_literal_sentence_marker_suggests_skip_symbols_and_writes_nothing() {
+    let sandbox = Sandbox::new();
+    sandbox.write("text.txt", "a b c\nd <s> e\n");
+    let out = sandbox.nlp().args(["ngram", "train", "text.txt", "-o", "m.arpa"]).output().unwrap();
+    let err = assert_one_line_error(&out);
+    assert!(err.contains("text.txt:2") && err.contains("--skip-symbols"), "{err}");
+    assert!(!sandbox.path().join("m.arpa").exists());
+    assert_eq!(std::fs::read_dir(sandbox.path()).unwrap().count(), 1, "no partial file left");
+
+    let out = sandbox
+        .nlp()
+        .args(["ngram", "train", "--skip-symbols", "text.txt", "-o", "m.arpa"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn ngram_bad_inputs_are_one_line_errors() {
+    let sandbox = Sandbox::new();
+    sandbox.write("empty.txt", "");
+    sandbox.write("text.txt", "a b\n");
+    sandbox.write("bad.arpa", "\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0\t<s>\n-1.0\n\\end\\\n");
+    let cases: [(&[&str], &str); 5] = [
+        (&["ngram", "train", "empty.txt", "-o", "m.arpa"], "empty"),
+        (&["ngram", "train", "--smoothing", "good-turing", "text.txt", "-o", "m.arpa"], "ngram.smoothing"),
+        (&["ngram", "train", "--order", "0", "text.txt", "-o", "m.arpa"], "ngram.order"),
+        (&["ngram", "train", "text.txt", "-o", "m.model"], "--format"),
+        (&["ngram", "query", "-m", "bad.arpa", "text.txt"], "bad.arpa:6"),
+    ];
+    for (args, expected) in cases {
+        let out = sandbox.nlp().args(args).output().unwrap();
+        let err = assert_one_line_error(&out);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    assert!(!sandbox.path().join("m.arpa").exists());
+}
+
+#[test]
+fn ngram_smoothing_methods_all_train_and_rank_as_expected() {
+    let sandbox = Sandbox::new();
+    head_lines(&sandbox, "tinyshakespeare.txt", 0, 4000, "train.txt");
+    head_lines(&sandbox, "tinyshakespeare.txt", 4000, 400, "test.txt");
+    let mut perplexity = std::collections::HashMap::new();
+    for method in ["mkn", "kn", "wb", "add-k", "jm", "mle"] {
+        let model = format!("{method}.bin");
+        let out = sandbox
+            .nlp()
+            .args(["-q", "ngram", "train", "--order", "3", "--smoothing", method, "train.txt", "-o", &model])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{method}: {}", stderr(&out));
+        let out = sandbox.nlp().args(["--json", "ngram", "query", "-m", &model, "test.txt"]).output().unwrap();
+        assert!(out.status.success(), "{method}: {}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        perplexity.insert(method, report["perplexity_excl_oov"].as_f64().unwrap());
+    }
+    // Chen & Goodman's finding: Kneser-Ney variants beat Witten-Bell and add-k,
+    // and every smoothed model beats the unsmoothed one by far.
+    assert!(perplexity["mkn"] < perplexity["wb"] && perplexity["kn"] < perplexity["wb"], "{perplexity:?}");
+    assert!(perplexity["wb"] < perplexity["add-k"], "{perplexity:?}");
+    assert!(perplexity["add-k"] < perplexity["mle"] && perplexity["jm"] < perplexity["mle"], "{perplexity:?}");
+}

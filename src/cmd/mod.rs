@@ -3,6 +3,7 @@
 
 mod data;
 mod info;
+mod ngram;
 
 use std::io::Write;
 
@@ -31,12 +32,15 @@ impl Context {
 }
 
 /// Resolves the configuration layers and flags into one [`Config`].
-fn resolve_config(global: &GlobalArgs) -> Result<Config> {
+fn resolve_config(global: &GlobalArgs, command_overrides: &[String]) -> Result<Config> {
     let mut builder = ConfigBuilder::new();
     if let Some(path) = &global.config {
         builder = builder.file(path)?;
     }
     for assignment in &global.overrides {
+        builder = builder.set(assignment)?;
+    }
+    for assignment in command_overrides {
         builder = builder.set(assignment)?;
     }
     if let Some(seed) = global.seed {
@@ -50,7 +54,12 @@ fn resolve_config(global: &GlobalArgs) -> Result<Config> {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    let config = resolve_config(&cli.global)?;
+    let command_overrides = cli
+        .command
+        .as_ref()
+        .map(Command::config_overrides)
+        .unwrap_or_default();
+    let config = resolve_config(&cli.global, &command_overrides)?;
     if cli.global.print_config {
         let mut out = std::io::stdout().lock();
         out.write_all(config.to_toml().as_bytes())
@@ -64,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Some(Command::Data(command)) => data::run(&ctx, command),
+        Some(Command::Ngram(command)) => ngram::run(&ctx, command),
         Some(Command::Info) => info::run(&ctx),
         None => {
             use clap::CommandFactory;
