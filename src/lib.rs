@@ -13,5 +13,6 @@ pub mod fsutil;
 pub mod lm;
 pub mod ngram;
 pub mod progress;
+pub mod tokenize;
 
 pub use error::{Error, Result};
