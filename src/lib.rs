@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod lm;
+pub mod model;
 pub mod ngram;
 pub mod progress;
 pub mod tokenize;

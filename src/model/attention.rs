@@ -1,0 +1,306 @@
+//! Causal multi-head self-attention (Vaswani et al. 2017, eq. 1) with grouped-query
+//! attention (Ainslie et al. 2023, "GQA") and a key/value cache for decoding.
+//!
+//! `softmax(q k^T / sqrt(head_dim) + mask) v` per head, where `num_key_value_heads`
+//! key/value heads each serve `num_attention_heads / num_key_value_heads` query heads
+//! (query head `h` reads key/value head `h / groups`, as `transformers`' `repeat_kv`).
+//! Projections are separate `q_proj`, `k_proj`, `v_proj`, `o_proj` (HF names), so one
+//! layer reads a Llama checkpoint unchanged and trains with plain `Var`s.
+//!
+//! The cache stores keys after RoPE and before the GQA repeat, so it holds
+//! `num_key_value_heads` heads: that saving is the point of GQA.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use super::config::ModelConfig;
+use super::dropout::DropoutRng;
+use super::linear;
+use super::rope::Rotary;
+
+/// Keys and values one attention layer has seen: each (b, kv_heads, s, head_dim).
+#[derive(Debug, Clone)]
+pub(crate) struct LayerKv {
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+}
+
+/// Keys and values of every layer for the tokens fed so far (one sequence or a batch
+/// of equally long ones).
+///
+/// Appending concatenates into new tensors instead of writing into a preallocated
+/// buffer (candle-nn's `KvCache`): that costs a copy per step, but a `clone` shares
+/// nothing that a later append mutates, so forking a state for beam search, sampling or
+/// speculative drafts is free and safe.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub(crate) layers: Vec<Option<LayerKv>>,
+    /// Number of positions cached.
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        KvCache::default()
+    }
+
+    /// Number of positions the cache holds (the offset of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub fn size_in_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|kv| (kv.k.elem_count() + kv.v.elem_count()) * kv.k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// The slot of layer `index`, growing the list on first use.
+    pub(crate) fn layer_mut(&mut self, index: usize) -> &mut Option<LayerKv> {
+        if self.layers.len() <= index {
+            self.layers.resize(index + 1, None);
+        }
+        &mut self.layers[index]
+    }
+
+    /// Records that `t` more positions were appended to every layer.
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Joins caches of equal length along the batch dimension, for one batched step.
+    pub(crate) fn stack(caches: &[&KvCache]) -> candle_core::Result<KvCache> {
+        let first = caches
+            .first()
+            .expect("stack is called with at least one cache");
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for index in 0..first.layers.len() {
+            let mut ks = Vec::with_capacity(caches.len());
+            let mut vs = Vec::with_capacity(caches.len());
+            for cache in caches {
+                match cache.layers.get(index) {
+                    Some(Some(kv)) => {
+                        ks.push(kv.k.clone());
+                        vs.push(kv.v.clone());
+                    }
+                    _ => candle_core::bail!("cannot stack caches that cover different layers"),
+                }
+            }
+            layers.push(Some(LayerKv {
+                k: Tensor::cat(&ks, 0)?,
+                v: Tensor::cat(&vs, 0)?,
+            }));
+        }
+        Ok(KvCache {
+            layers,
+            len: first.len,
+        })
+    }
+
+    /// Splits a batched cache into one cache per batch row.
+    pub(crate) fn unstack(&self, batch: usize) -> candle_core::Result<Vec<KvCache>> {
+        let mut out = vec![
+            KvCache {
+                layers: Vec::new(),
+                len: self.len
+            };
+            batch
+        ];
+        for kv in &self.layers {
+            let kv = kv.as_ref().expect("a stepped cache has every layer");
+            for (row, cache) in out.iter_mut().enumerate() {
+                cache.layers.push(Some(LayerKv {
+                    // Own the rows, so one fork does not keep the whole batch alive.
+                    k: kv.k.narrow(0, row, 1)?.contiguous()?.copy()?,
+                    v: kv.v.narrow(0, row, 1)?.contiguous()?.copy()?,
+                }));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One self-attention layer.
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dropout: f64,
+}
+
+impl Attention {
+    /// Reads or creates the four projections under `vb` (`model.layers.{i}.self_attn`).
+    pub(crate) fn load(vb: VarBuilder, cfg: &ModelConfig) -> candle_core::Result<Self> {
+        let (c, d, bias) = (cfg.hidden_size, cfg.head_size(), cfg.attention_bias);
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.kv_heads());
+        Ok(Attention {
+            q_proj: linear(vb.pp("q_proj"), c, heads * d, bias, cfg)?,
+            k_proj: linear(vb.pp("k_proj"), c, kv_heads * d, bias, cfg)?,
+            v_proj: linear(vb.pp("v_proj"), c, kv_heads * d, bias, cfg)?,
+            o_proj: linear(vb.pp("o_proj"), heads * d, c, bias, cfg)?,
+            heads,
+            kv_heads,
+            head_dim: d,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// The tensors of this layer, named under `prefix`.
+    pub(crate) fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        let layers = [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ];
+        for (name, layer) in layers {
+            super::linear_tensors(layer, &format!("{prefix}.{name}"), out);
+        }
+    }
+
+    /// Attends from `xs` (positions `offset..offset + t`) to the cached positions and to
+    /// `xs` itself, appending `xs`'s keys and values to `kv` when a cache is given.
+    /// `mask` is the additive causal mask (t, offset + t) in f32, `None` when t == 1.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: Option<&Rotary>,
+        offset: usize,
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<LayerKv>>,
+        rng: Option<&DropoutRng>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _c) = xs.dims3()?; // (b, t, c)
+        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        let split = |proj: &Linear, heads: usize| -> candle_core::Result<Tensor> {
+            proj.forward(xs)? // (b, t, heads * d)
+                .reshape((b, t, heads, d))?
+                .transpose(1, 2)? // (b, heads, t, d)
+                .contiguous()
+        };
+        let mut q = split(&self.q_proj, h)?; // (b, h, t, d)
+        let mut k = split(&self.k_proj, g)?; // (b, g, t, d)
+        let mut v = split(&self.v_proj, g)?; // (b, g, t, d)
+        if let Some(rotary) = rotary {
+            q = rotary.apply(&q, offset)?;
+            k = rotary.apply(&k, offset)?;
+        }
+        if let Some(slot) = kv {
+            if let Some(past) = slot.as_ref() {
+                k = Tensor::cat(&[&past.k, &k], 2)?; // (b, g, s, d)
+                v = Tensor::cat(&[&past.v, &v], 2)?; // (b, g, s, d)
+            }
+            *slot = Some(LayerKv {
+                k: k.clone(),
+                v: v.clone(),
+            });
+        }
+        let k = repeat_kv(k, h / g)?; // (b, h, s, d)
+        let v = repeat_kv(v, h / g)?; // (b, h, s, d)
+
+        let dtype = q.dtype();
+        let scale = 1.0 / (d as f64).sqrt();
+        // Scores, mask and softmax in f32 even for half-precision weights, as
+        // transformers does: exp of large half-precision scores overflows.
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?; // (b, h, t, s)
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        // The fused softmax has no backward pass; training takes the graph form.
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        }
+        .to_dtype(dtype)?; // (b, h, t, s)
+        let probs = match rng {
+            Some(rng) => rng.dropout(&probs, self.dropout)?,
+            None => probs,
+        };
+        let out = probs.matmul(&v)?; // (b, h, t, d)
+        let out = out.transpose(1, 2)?.reshape((b, t, h * d))?; // (b, t, h * d)
+        self.o_proj.forward(&out) // (b, t, c)
+    }
+}
+
+/// Repeats each key/value head `groups` times, so head `h` of the result is head
+/// `h / groups` of the input (transformers' `repeat_kv`).
+fn repeat_kv(xs: Tensor, groups: usize) -> candle_core::Result<Tensor> {
+    if groups == 1 {
+        return Ok(xs);
+    }
+    let (b, g, s, d) = xs.dims4()?; // (b, g, s, d)
+    xs.unsqueeze(2)? // (b, g, 1, s, d)
+        .broadcast_as((b, g, groups, s, d))?
+        .reshape((b, g * groups, s, d)) // (b, h, s, d)
+}
+
+/// The additive causal mask for `t` new positions after `offset` cached ones: entry
+/// (i, j) is 0 when key j is at or before query `offset + i`, and -inf after it.
+pub(crate) fn causal_mask(
+    t: usize,
+    offset: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let s = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, s), device) // (t, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn repeat_kv_follows_transformers_order() {
+        // Two kv heads holding 0 and 1, repeated 3 times: heads 0,0,0,1,1,1.
+        let xs = Tensor::new(&[0f32, 1.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 1))
+            .unwrap();
+        let out = repeat_kv(xs, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(out, vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn causal_mask_with_offset() {
+        let mask = causal_mask(2, 1, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(mask[0][..2], [0.0, 0.0]);
+        assert_eq!(mask[0][2], f32::NEG_INFINITY);
+        assert_eq!(mask[1], vec![0.0, 0.0, 0.0]);
+    }
+}

@@ -1,0 +1,211 @@
+//! The transformer as a [`LanguageModel`]: a state is the token history plus its KV
+//! cache and the next-token log-probabilities that history leads to.
+//!
+//! `advance` runs the model on the new token at once (one cached forward step) and keeps
+//! the resulting row, so `next_logprobs` only copies rows out; the trait's states are
+//! immutable there, so that is where the cache has to grow. The empty prefix of a model
+//! without a beginning-of-sequence token has no context to condition on: it gets the
+//! uniform distribution, `-ln(vocab_size)` for every token.
+
+use std::sync::Arc;
+
+use candle_core::{DType, IndexOp, Tensor, D};
+
+use super::attention::KvCache;
+use super::transformer::Transformer;
+use crate::lm::LanguageModel;
+use crate::{Error, Result};
+
+/// A transformer's memory of a prefix.
+#[derive(Debug, Clone)]
+pub struct TransformerState {
+    /// The tokens fed so far (without the beginning-of-sequence token).
+    tokens: Vec<u32>,
+    /// Keys and values of every fed token (with the beginning-of-sequence token).
+    kv_cache: KvCache,
+    /// log p(next | tokens) in nats; `None` before the first token.
+    next_logprobs: Option<Arc<[f32]>>,
+}
+
+impl TransformerState {
+    /// The tokens fed so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The cached keys and values.
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.kv_cache
+    }
+}
+
+impl Transformer {
+    /// The state after `prompt`, computed in one forward pass.
+    pub fn prefill(&self, prompt: &[u32]) -> Result<TransformerState> {
+        let mut state = self.initial_state();
+        if !prompt.is_empty() {
+            self.feed(&mut state, prompt)?;
+        }
+        Ok(state)
+    }
+
+    /// Advances each state by its token. States with equally long non-empty caches
+    /// (a beam) run as one batched forward step; otherwise one step per state.
+    pub fn advance_batch(&self, states: &mut [TransformerState], tokens: &[u32]) -> Result<()> {
+        if states.len() != tokens.len() {
+            return Err(Error::Invalid(format!(
+                "advance_batch got {} states but {} tokens",
+                states.len(),
+                tokens.len()
+            )));
+        }
+        let Some(first) = states.first() else {
+            return Ok(());
+        };
+        let len = first.kv_cache.len();
+        let batchable = len > 0 && states.iter().all(|s| s.kv_cache.len() == len);
+        if !batchable || states.len() == 1 {
+            for (state, &token) in states.iter_mut().zip(tokens) {
+                self.feed(state, &[token])?;
+            }
+            return Ok(());
+        }
+        for &token in tokens {
+            self.check_token(token)?;
+        }
+        let caches: Vec<&KvCache> = states.iter().map(|s| &s.kv_cache).collect();
+        let mut batch_cache = KvCache::stack(&caches)?;
+        let n = states.len();
+        let ids = Tensor::from_slice(tokens, (n, 1), self.device())?; // (n, 1)
+        let logits = self.forward_step(&ids, &mut batch_cache)?; // (n, 1, vocab)
+        let rows = log_softmax_rows(&logits.squeeze(1)?)?; // n rows of vocab
+        let caches = batch_cache.unstack(n)?;
+        for ((state, cache), (row, &token)) in states
+            .iter_mut()
+            .zip(caches)
+            .zip(rows.into_iter().zip(tokens))
+        {
+            state.kv_cache = cache;
+            state.tokens.push(token);
+            state.next_logprobs = Some(row.into());
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` through the model after `state`, keeping the last row.
+    fn feed(&self, state: &mut TransformerState, tokens: &[u32]) -> Result<()> {
+        for &token in tokens {
+            self.check_token(token)?;
+        }
+        let mut input = Vec::with_capacity(tokens.len() + 1);
+        if state.kv_cache.is_empty() {
+            input.extend(self.config().bos_token_id);
+        }
+        input.extend_from_slice(tokens);
+        let n = input.len();
+        let ids = Tensor::from_vec(input, (1, n), self.device())?; // (1, n)
+        let logits = self.forward_step(&ids, &mut state.kv_cache)?; // (1, n, vocab)
+        let last = logits.i((.., n - 1, ..))?; // (1, vocab)
+        let row = log_softmax_rows(&last)?
+            .pop()
+            .expect("one row per batch entry");
+        state.tokens.extend_from_slice(tokens);
+        state.next_logprobs = Some(row.into());
+        Ok(())
+    }
+
+    /// The distribution of the first token: after BOS, or uniform without one.
+    fn first_logprobs(&self) -> Result<Vec<f32>> {
+        match self.config().bos_token_id {
+            Some(bos) => {
+                let ids = Tensor::from_vec(vec![bos], (1, 1), self.device())?;
+                let logits = self.forward(&ids)?; // (1, 1, vocab)
+                Ok(log_softmax_rows(&logits.squeeze(1)?)?
+                    .pop()
+                    .expect("one row"))
+            }
+            None => {
+                let vocab = self.config().vocab_size;
+                Ok(vec![-(vocab as f32).ln(); vocab])
+            }
+        }
+    }
+
+    fn check_token(&self, token: u32) -> Result<()> {
+        let vocab = self.config().vocab_size;
+        if token as usize >= vocab {
+            return Err(Error::Invalid(format!(
+                "token id {token} is outside the model's vocabulary of {vocab}; \
+                 was the text encoded with this model's tokenizer?"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Log-softmax of each row of `logits` (n, vocab), in f32 on the host.
+fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let logprobs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    Ok(logprobs.to_vec2::<f32>()?)
+}
+
+impl LanguageModel for Transformer {
+    type State = TransformerState;
+
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+
+    fn initial_state(&self) -> TransformerState {
+        TransformerState {
+            tokens: Vec::new(),
+            kv_cache: KvCache::new(),
+            next_logprobs: None,
+        }
+    }
+
+    fn advance(&self, state: &mut TransformerState, token: u32) -> Result<()> {
+        self.feed(state, &[token])
+    }
+
+    fn next_logprobs(&self, states: &[TransformerState]) -> Result<Vec<Vec<f32>>> {
+        // Rows were computed by `advance` (batched by `advance_batch`); this only copies.
+        let mut first = None;
+        states
+            .iter()
+            .map(|state| match &state.next_logprobs {
+                Some(row) => Ok(row.to_vec()),
+                None => {
+                    if first.is_none() {
+                        first = Some(self.first_logprobs()?);
+                    }
+                    Ok(first.clone().expect("computed just above"))
+                }
+            })
+            .collect()
+    }
+
+    /// One forward pass over the whole sequence instead of one step per token.
+    fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        for &token in tokens {
+            self.check_token(token)?;
+        }
+        let bos = self.config().bos_token_id;
+        let mut input: Vec<u32> = bos.into_iter().collect();
+        input.extend_from_slice(tokens);
+        let mut logprobs = match bos {
+            Some(_) => Vec::with_capacity(tokens.len()),
+            None => vec![self.first_logprobs()?[tokens[0] as usize]],
+        };
+        if input.len() >= 2 {
+            let n = input.len();
+            let ids = Tensor::from_vec(input, (1, n), self.device())?; // (1, n)
+            let rest = self.next_token_logprobs(&ids)?.squeeze(0)?; // (n - 1)
+            logprobs.extend(rest.to_vec1::<f32>()?);
+        }
+        Ok(logprobs)
+    }
+}

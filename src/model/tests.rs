@@ -1,0 +1,716 @@
+//! Tests against `shared/fixtures/hf_tiny_llama` (computed by transformers 5.24, see its
+//! README) and laws every variant must obey.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::*;
+use crate::lm::LanguageModel;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/hf_tiny_llama"
+    ))
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture_dir().join("reference.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn reference_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn fixture_model() -> Transformer {
+    hf::load(&fixture_dir(), &Device::Cpu, DType::F32).unwrap()
+}
+
+/// Reference ids (i64) as the u32 the model takes.
+fn ids(reference: &HashMap<String, Tensor>, name: &str) -> Tensor {
+    reference[name].to_dtype(DType::U32).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn json_ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    // First maximum, as torch.argmax.
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+// --- 1. logits and log-probs equal transformers' -------------------------------------
+
+#[test]
+fn logits_match_transformers() {
+    let reference = reference();
+    let model = fixture_model();
+    let logits = model.forward(&ids(&reference, "input_ids")).unwrap();
+    let diff = max_abs_diff(&logits, &reference["logits"]);
+    eprintln!("max |logits - transformers| = {diff:e}");
+    assert!(diff < 1e-4, "max logit difference {diff}");
+}
+
+#[test]
+fn next_token_logprobs_match_transformers() {
+    let reference = reference();
+    let model = fixture_model();
+    for (input, want) in [
+        ("input_ids", "next_token_logprobs"),
+        ("text_ids", "text_next_token_logprobs"),
+    ] {
+        let got = model.next_token_logprobs(&ids(&reference, input)).unwrap();
+        let diff = max_abs_diff(&got, &reference[want]);
+        eprintln!("max |{want} - transformers| = {diff:e}");
+        assert!(diff < 1e-4, "{want}: max difference {diff}");
+    }
+    // Mean NLL over the validation text, as reference.json's text_mean_nll_nats.
+    let got = model
+        .next_token_logprobs(&ids(&reference, "text_ids"))
+        .unwrap();
+    let nll = -got.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let want = reference_json()["text_mean_nll_nats"].as_f64().unwrap();
+    assert!((want - 1.5579360723495483).abs() < 1e-12);
+    eprintln!(
+        "mean NLL {nll} vs {want}: relative {:e}",
+        (nll - want).abs() / want
+    );
+    assert!((nll - want).abs() / want < 1e-4);
+}
+
+#[test]
+fn score_is_one_pass_and_matches_transformers() {
+    let reference = reference();
+    let model = fixture_model();
+    let text = ids(&reference, "text_ids")
+        .i(3)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let scores = model.score(&text).unwrap();
+    assert_eq!(scores.len(), 64);
+    // No BOS: the first character gets the uniform distribution.
+    assert!((scores[0] + (65f32).ln()).abs() < 1e-6);
+    let want = reference["text_next_token_logprobs"]
+        .i(3)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (got, want) in scores[1..].iter().zip(&want) {
+        assert!((got - want).abs() < 1e-4);
+    }
+    // The trait's token-by-token default (through advance / next_logprobs) agrees.
+    let mut state = model.initial_state();
+    for (t, &token) in text.iter().enumerate().take(20) {
+        let row = model.next_logprobs(std::slice::from_ref(&state)).unwrap();
+        assert!(
+            (row[0][token as usize] - scores[t]).abs() < 1e-4,
+            "position {t}"
+        );
+        model.advance(&mut state, token).unwrap();
+    }
+}
+
+// --- 2. KV cache and decoding ---------------------------------------------------------
+
+#[test]
+fn kv_cache_steps_match_full_forward() {
+    let reference = reference();
+    let model = fixture_model();
+    let input = ids(&reference, "input_ids"); // (2, 64)
+    let full = model.forward(&input).unwrap(); // (2, 64, 65)
+    let mut cache = KvCache::new();
+    let prefill = model
+        .forward_step(&input.narrow(1, 0, 10).unwrap(), &mut cache)
+        .unwrap();
+    let mut worst = max_abs_diff(&prefill, &full.narrow(1, 0, 10).unwrap());
+    for t in 10..64 {
+        let step = model
+            .forward_step(&input.narrow(1, t, 1).unwrap(), &mut cache)
+            .unwrap();
+        worst = worst.max(max_abs_diff(&step, &full.narrow(1, t, 1).unwrap()));
+    }
+    assert_eq!(cache.len(), 64);
+    eprintln!("max |cached - full| = {worst:e}");
+    assert!(worst < 1e-5, "cached logits differ by {worst}");
+}
+
+#[test]
+fn greedy_decoding_reproduces_transformers() {
+    let model = fixture_model();
+    let generate = &reference_json()["generate"];
+    for i in 0..3 {
+        let prompt = json_ids(&generate[format!("prompt_{i}")]);
+        let want = json_ids(&generate[format!("greedy_{i}")]);
+        let mut state = model.initial_state();
+        for &token in &prompt {
+            model.advance(&mut state, token).unwrap();
+        }
+        let mut out = prompt.clone();
+        for _ in 0..32 {
+            let row = model.next_logprobs(std::slice::from_ref(&state)).unwrap();
+            let next = argmax(&row[0]);
+            out.push(next);
+            model.advance(&mut state, next).unwrap();
+        }
+        assert_eq!(out, want, "greedy_{i}");
+        // Prefilling the prompt in one pass gives the same continuation.
+        let state = model.prefill(&prompt).unwrap();
+        let row = model.next_logprobs(std::slice::from_ref(&state)).unwrap();
+        assert_eq!(argmax(&row[0]), want[prompt.len()]);
+    }
+}
+
+#[test]
+fn batched_advance_matches_one_state_at_a_time() {
+    let model = fixture_model();
+    let base = model.prefill(&[45, 12, 56, 56]).unwrap();
+    let mut batch = vec![base.clone(), base.clone(), base];
+    let tokens = [3u32, 17, 40];
+    let mut singles = batch.clone();
+    model.advance_batch(&mut batch, &tokens).unwrap();
+    for (state, &token) in singles.iter_mut().zip(&tokens) {
+        model.advance(state, token).unwrap();
+    }
+    let a = model.next_logprobs(&batch).unwrap();
+    let b = model.next_logprobs(&singles).unwrap();
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.iter().zip(rb) {
+            assert!((x - y).abs() < 1e-5);
+        }
+    }
+    // A second batched step on the unstacked caches stays right.
+    model.advance_batch(&mut batch, &[1, 1, 1]).unwrap();
+    for state in singles.iter_mut() {
+        model.advance(state, 1).unwrap();
+    }
+    assert_eq!(batch[2].tokens(), singles[2].tokens());
+    let a = model.next_logprobs(&batch).unwrap();
+    let b = model.next_logprobs(&singles).unwrap();
+    assert!(a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .all(|(x, y)| (x - y).abs() < 1e-5));
+}
+
+#[test]
+fn out_of_vocabulary_token_is_an_error() {
+    let model = fixture_model();
+    let mut state = model.initial_state();
+    let err = model.advance(&mut state, 65).unwrap_err().to_string();
+    assert!(err.contains("65"), "{err}");
+}
+
+// --- 3. HF import / export ------------------------------------------------------------
+
+#[test]
+fn save_and_reload_gives_identical_logits() {
+    let reference = reference();
+    let model = fixture_model();
+    let dir = tempfile::tempdir().unwrap();
+    model.save_pretrained(dir.path()).unwrap();
+    let reloaded = Transformer::from_pretrained(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(reloaded.config(), model.config());
+    let input = ids(&reference, "input_ids");
+    let a = model.forward(&input).unwrap();
+    let b = reloaded.forward(&input).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["model_type"], "llama");
+    assert_eq!(config["rope_parameters"]["rope_theta"], 10000.0);
+    assert_eq!(config["rope_theta"], 10000.0);
+    for key in ["norm", "norm_position", "activation", "position", "dropout"] {
+        assert!(
+            config.get(key).is_none(),
+            "a Llama config should not carry `{key}`"
+        );
+    }
+    // Only the two files: atomic writes leave no partial files behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn legacy_top_level_rope_theta_is_read() {
+    let text = std::fs::read_to_string(fixture_dir().join("config.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let map = value.as_object_mut().unwrap();
+    map.remove("rope_parameters");
+    map.insert("rope_theta".into(), serde_json::json!(500000.0));
+    let cfg = hf::parse_config(&value.to_string(), std::path::Path::new("config.json")).unwrap();
+    assert_eq!(cfg.rope_theta, 500000.0);
+    let cfg = hf::parse_config(&text, std::path::Path::new("config.json")).unwrap();
+    assert_eq!(cfg.rope_theta, 10000.0);
+    assert_eq!(cfg.rms_norm_eps, 1e-5);
+    assert_eq!(cfg.kv_heads(), 4);
+    assert_eq!(cfg.head_size(), 32);
+    assert!(cfg.is_llama() && !cfg.tie_word_embeddings);
+}
+
+/// A copy of the fixture directory whose weights went through `edit`.
+fn edited_checkpoint(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn wrong_shaped_tensor_is_an_error_naming_it_and_both_shapes() {
+    let name = "model.layers.2.mlp.up_proj.weight";
+    let dir = edited_checkpoint(|tensors| {
+        let cut = tensors[name].narrow(0, 0, 351).unwrap();
+        tensors.insert(name.to_string(), cut);
+    });
+    let err = hf::load(dir.path(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(name), "{err}");
+    assert!(
+        err.contains("[351, 128]") && err.contains("[352, 128]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_an_error_naming_it() {
+    let dir = edited_checkpoint(|tensors| {
+        tensors.remove("model.norm.weight");
+    });
+    let err = hf::load(dir.path(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.norm.weight") && err.contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unexpected_tensor_is_an_error_naming_it() {
+    let dir = edited_checkpoint(|tensors| {
+        let extra = Tensor::zeros(128, DType::F32, &Device::Cpu).unwrap();
+        tensors.insert("model.layers.0.self_attn.q_proj.bias".to_string(), extra);
+    });
+    let err = hf::load(dir.path(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.self_attn.q_proj.bias"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_config_is_an_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(fixture_dir().join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        text.replace("\"num_key_value_heads\": 4", "\"num_key_value_heads\": 3"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture_dir().join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    match hf::load(dir.path(), &Device::Cpu, DType::F32) {
+        Err(crate::Error::Config { key, .. }) => assert_eq!(key, "num_key_value_heads"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+// --- 5. parameter count ---------------------------------------------------------------
+
+#[test]
+fn param_count_equals_the_fixture_element_count() {
+    let tensors =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let elements: usize = tensors.values().map(|t| t.elem_count()).sum();
+    let model = fixture_model();
+    assert_eq!(param_count(model.config()), elements);
+    assert_eq!(
+        elements,
+        2 * 65 * 128 + 4 * (4 * 128 * 128 + 3 * 128 * 352 + 2 * 128) + 128
+    );
+}
+
+// --- 4. variants ----------------------------------------------------------------------
+
+fn small(position: PositionKind) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 23,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: 40,
+        initializer_range: 0.2,
+        position,
+        ..ModelConfig::default()
+    }
+}
+
+fn variants() -> Vec<(&'static str, ModelConfig)> {
+    let mut out = vec![];
+    for position in [
+        PositionKind::Rope,
+        PositionKind::Sinusoidal,
+        PositionKind::Learned,
+        PositionKind::None,
+    ] {
+        out.push(("llama", small(position)));
+    }
+    out.push((
+        "vaswani",
+        ModelConfig {
+            norm: NormKind::Layer,
+            norm_position: NormPosition::Post,
+            activation: Activation::Relu,
+            attention_bias: true,
+            mlp_bias: true,
+            num_key_value_heads: None,
+            dropout: 0.1,
+            ..small(PositionKind::Sinusoidal)
+        },
+    ));
+    out.push((
+        "gelu-tied",
+        ModelConfig {
+            activation: Activation::Gelu,
+            tie_word_embeddings: true,
+            ..small(PositionKind::Learned)
+        },
+    ));
+    out.push((
+        "silu-layernorm",
+        ModelConfig {
+            activation: Activation::Silu,
+            norm: NormKind::Layer,
+            ..small(PositionKind::Rope)
+        },
+    ));
+    out.push((
+        "post-rms-mqa",
+        ModelConfig {
+            norm_position: NormPosition::Post,
+            num_key_value_heads: Some(1),
+            ..small(PositionKind::Rope)
+        },
+    ));
+    out
+}
+
+fn fresh(cfg: &ModelConfig) -> (VarMap, Transformer) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = Transformer::load(vb, cfg).unwrap();
+    (varmap, model)
+}
+
+fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    // A 64-bit LCG (Knuth's MMIX constants): deterministic, spread over the vocabulary.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..b * t)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+#[test]
+fn every_variant_has_the_tensors_its_inventory_lists() {
+    for (name, cfg) in variants() {
+        let (varmap, model) = fresh(&cfg);
+        let listed: Vec<(String, Vec<usize>)> = model
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        assert_eq!(listed, tensor_shapes(&cfg), "{name}");
+        let mut created: Vec<(String, Vec<usize>)> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect();
+        created.sort();
+        let mut listed = listed;
+        listed.sort();
+        assert_eq!(created, listed, "{name}");
+        let elements: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        assert_eq!(param_count(&cfg), elements, "{name}");
+    }
+}
+
+#[test]
+fn every_variant_is_causal_with_the_right_shapes() {
+    for (name, cfg) in variants() {
+        let (_varmap, model) = fresh(&cfg);
+        let (b, t) = (2, 12);
+        let mut tokens = random_ids(b, t, cfg.vocab_size, 1);
+        let input = Tensor::from_vec(tokens.clone(), (b, t), &Device::Cpu).unwrap();
+        let logits = model.forward(&input).unwrap();
+        assert_eq!(logits.dims(), &[b, t, cfg.vocab_size], "{name}");
+        // Changing token 6 may change logits at positions >= 6, never before.
+        tokens[6] = (tokens[6] + 1) % cfg.vocab_size as u32;
+        tokens[t + 6] = (tokens[t + 6] + 2) % cfg.vocab_size as u32;
+        let changed = model
+            .forward(&Tensor::from_vec(tokens, (b, t), &Device::Cpu).unwrap())
+            .unwrap();
+        let before = max_abs_diff(
+            &logits.narrow(1, 0, 6).unwrap(),
+            &changed.narrow(1, 0, 6).unwrap(),
+        );
+        assert_eq!(before, 0.0, "{name}: future token leaked into the past");
+        let after = max_abs_diff(
+            &logits.narrow(1, 6, t - 6).unwrap(),
+            &changed.narrow(1, 6, t - 6).unwrap(),
+        );
+        assert!(after > 0.0, "{name}: the changed token had no effect");
+    }
+}
+
+#[test]
+fn every_variant_decodes_with_the_cache_as_the_full_forward() {
+    for (name, cfg) in variants() {
+        let (_varmap, model) = fresh(&cfg);
+        let (b, t) = (2, 15);
+        let input =
+            Tensor::from_vec(random_ids(b, t, cfg.vocab_size, 2), (b, t), &Device::Cpu).unwrap();
+        let full = model.forward(&input).unwrap();
+        let mut cache = KvCache::new();
+        let mut worst = max_abs_diff(
+            &model
+                .forward_step(&input.narrow(1, 0, 5).unwrap(), &mut cache)
+                .unwrap(),
+            &full.narrow(1, 0, 5).unwrap(),
+        );
+        for start in 5..t {
+            let step = model
+                .forward_step(&input.narrow(1, start, 1).unwrap(), &mut cache)
+                .unwrap();
+            worst = worst.max(max_abs_diff(&step, &full.narrow(1, start, 1).unwrap()));
+        }
+        assert!(worst < 1e-5, "{name}: cached logits differ by {worst}");
+    }
+}
+
+#[test]
+fn every_variant_saves_and_reloads() {
+    for (name, cfg) in variants() {
+        let (_varmap, model) = fresh(&cfg);
+        let dir = tempfile::tempdir().unwrap();
+        model.save_pretrained(dir.path()).unwrap();
+        let reloaded = Transformer::from_pretrained(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(reloaded.config(), model.config(), "{name}");
+        let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+        let written: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let extensions = ["norm", "norm_position", "activation", "position", "dropout"];
+        let carried = extensions.iter().any(|key| written.get(key).is_some());
+        assert_eq!(
+            carried,
+            !(cfg.is_llama() && cfg.dropout == 0.0),
+            "{name}: {text}"
+        );
+        let input =
+            Tensor::from_vec(random_ids(1, 9, cfg.vocab_size, 3), (1, 9), &Device::Cpu).unwrap();
+        // Fresh VarMap models run the differentiable graph, reloaded ones the fused
+        // kernels: the two forms agree.
+        let diff = max_abs_diff(
+            &model.forward(&input).unwrap(),
+            &reloaded.forward(&input).unwrap(),
+        );
+        assert!(diff < 1e-5, "{name}: {diff}");
+    }
+}
+
+#[test]
+fn sequences_past_the_position_table_are_an_error() {
+    let (_varmap, model) = fresh(&small(PositionKind::Learned));
+    let input = Tensor::zeros((1, 41), DType::U32, &Device::Cpu).unwrap();
+    let err = model.forward(&input).unwrap_err().to_string();
+    assert!(err.contains("max_position_embeddings"), "{err}");
+}
+
+// --- training path --------------------------------------------------------------------
+
+#[test]
+fn gradients_reach_every_parameter() {
+    for (name, cfg) in variants() {
+        let (varmap, model) = fresh(&cfg);
+        let (b, t) = (2, 8);
+        let tokens = random_ids(b, t + 1, cfg.vocab_size, 4);
+        let all = Tensor::from_vec(tokens, (b, t + 1), &Device::Cpu).unwrap();
+        let input = all.narrow(1, 0, t).unwrap();
+        let targets = all.narrow(1, 1, t).unwrap().flatten_all().unwrap();
+        let rng = DropoutRng::new(9);
+        let logits = model
+            .forward_train(&input, &rng)
+            .unwrap()
+            .reshape((b * t, cfg.vocab_size))
+            .unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        let grads = loss.backward().unwrap();
+        for (var_name, var) in varmap.data().lock().unwrap().iter() {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {var_name}"));
+            let size = grad
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                size.is_finite() && size > 0.0,
+                "{name}: zero gradient for {var_name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dropout_is_seeded_and_off_at_inference() {
+    let cfg = ModelConfig {
+        dropout: 0.3,
+        ..small(PositionKind::Rope)
+    };
+    let (_varmap, model) = fresh(&cfg);
+    let input =
+        Tensor::from_vec(random_ids(1, 10, cfg.vocab_size, 5), (1, 10), &Device::Cpu).unwrap();
+    let a = model.forward_train(&input, &DropoutRng::new(1)).unwrap();
+    let b = model.forward_train(&input, &DropoutRng::new(1)).unwrap();
+    let c = model.forward_train(&input, &DropoutRng::new(2)).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert!(max_abs_diff(&a, &c) > 0.0);
+    let eval = model.forward(&input).unwrap();
+    assert!(max_abs_diff(&a, &eval) > 0.0);
+    let no_dropout = ModelConfig {
+        dropout: 0.0,
+        ..cfg
+    };
+    let (varmap, plain) = fresh(&no_dropout);
+    drop(varmap);
+    let x = plain.forward_train(&input, &DropoutRng::new(1)).unwrap();
+    assert_eq!(max_abs_diff(&x, &plain.forward(&input).unwrap()), 0.0);
+}
+
+#[test]
+fn gqa_equals_multi_head_attention_with_repeated_key_value_heads() {
+    // The law behind GQA: sharing a kv head across a group is the same function as
+    // giving every query head its own copy of it.
+    let gqa_cfg = small(PositionKind::Rope); // 4 query heads, 2 kv heads
+    let mha_cfg = ModelConfig {
+        num_key_value_heads: Some(4),
+        ..gqa_cfg.clone()
+    };
+    let (_varmap, gqa) = fresh(&gqa_cfg);
+    let d = gqa_cfg.head_size();
+    let mut tensors: HashMap<String, Tensor> = gqa.named_tensors().into_iter().collect();
+    for (name, tensor) in tensors.clone() {
+        if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+            // (2 * d, c) -> rows of head 0, head 0, head 1, head 1: (4 * d, c)
+            let heads: Vec<Tensor> = (0..2)
+                .map(|h| tensor.narrow(0, h * d, d).unwrap())
+                .collect();
+            let repeated = Tensor::cat(&[&heads[0], &heads[0], &heads[1], &heads[1]], 0).unwrap();
+            tensors.insert(name, repeated);
+        }
+    }
+    let mha = Transformer::load(
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        &mha_cfg,
+    )
+    .unwrap();
+    let input = Tensor::from_vec(random_ids(2, 7, 23, 6), (2, 7), &Device::Cpu).unwrap();
+    let diff = max_abs_diff(&gqa.forward(&input).unwrap(), &mha.forward(&input).unwrap());
+    assert!(diff < 1e-5, "{diff}");
+}
+
+#[test]
+fn tied_output_projection_is_the_embedding() {
+    let cfg = ModelConfig {
+        tie_word_embeddings: true,
+        ..small(PositionKind::Rope)
+    };
+    let (varmap, model) = fresh(&cfg);
+    assert!(varmap
+        .data()
+        .lock()
+        .unwrap()
+        .get("lm_head.weight")
+        .is_none());
+    let logits = model
+        .forward(&Tensor::new(&[[3u32]], &Device::Cpu).unwrap())
+        .unwrap();
+    assert_eq!(logits.dims(), &[1, 1, 23]);
+    let _ = logits.max_keepdim(D::Minus1).unwrap();
+}
+
+#[test]
+fn half_precision_checkpoints_load_and_stay_close() {
+    let reference = reference();
+    let input = ids(&reference, "input_ids");
+    for dtype in [DType::F16, DType::BF16] {
+        let model = hf::load(&fixture_dir(), &Device::Cpu, dtype).unwrap();
+        let logits = model.forward(&input).unwrap().to_dtype(DType::F32).unwrap();
+        let diff = max_abs_diff(&logits, &reference["logits"]);
+        eprintln!("{dtype:?}: max |logits - transformers f32| = {diff}");
+        assert!(diff < 0.5, "{dtype:?}: {diff}");
+        // Cached decoding works in half precision too.
+        let mut state = model.prefill(&[45, 12, 56]).unwrap();
+        model.advance(&mut state, 56).unwrap();
+        assert_eq!(model.next_logprobs(&[state]).unwrap()[0].len(), 65);
+    }
+}

@@ -1,0 +1,220 @@
+//! The decoder-only transformer: token embedding, N blocks, final norm, output projection.
+//!
+//! With the default config this is `transformers`' `LlamaForCausalLM` (Touvron et al.
+//! 2023): RMSNorm pre-norm blocks, RoPE, SwiGLU, grouped-query attention, untied or tied
+//! output projection, and its logits equal transformers' on the same weights (tested
+//! against `shared/fixtures/hf_tiny_llama`). The config's variant fields turn it into
+//! the original transformer decoder of Vaswani et al. 2017.
+//!
+//! Every forward returns logits for every position, so training, scoring and decoding
+//! share one model type; `forward_step` adds a [`KvCache`] for incremental decoding.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use super::attention::{causal_mask, KvCache};
+use super::block::Block;
+use super::config::{ModelConfig, NormPosition, PositionKind};
+use super::dropout::DropoutRng;
+use super::norm::Norm;
+use super::rope::{AddedPositions, Rotary};
+use crate::{Error, Result};
+
+/// A decoder-only transformer language model.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    cfg: ModelConfig,
+    /// (vocab, c); also the output projection when embeddings are tied.
+    embed_tokens: Tensor,
+    positions: Option<AddedPositions>,
+    rotary: Option<Rotary>,
+    blocks: Vec<Block>,
+    /// The final norm of pre-norm models; post-norm blocks already end with one.
+    norm: Option<Norm>,
+    /// Untied output projection; `None` when it is `embed_tokens`.
+    lm_head: Option<Linear>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Transformer {
+    /// Builds the model from `vb` at the root prefix: fresh parameters when `vb` comes
+    /// from a `VarMap` (training), or the weights of a checkpoint.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let model_vb = vb.pp("model");
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: cfg.initializer_range,
+        };
+        let embed_tokens = model_vb.pp("embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            init,
+        )?;
+        let positions = AddedPositions::load(model_vb.clone(), cfg)?;
+        let rotary = match cfg.position {
+            PositionKind::Rope => Some(Rotary::new(cfg, vb.dtype(), vb.device())?),
+            _ => None,
+        };
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(model_vb.pp("layers").pp(i), cfg))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = match cfg.norm_position {
+            NormPosition::Pre => Some(Norm::load(model_vb.pp("norm"), cfg)?),
+            NormPosition::Post => None,
+        };
+        let lm_head = match cfg.tie_word_embeddings {
+            true => None,
+            false => Some(super::linear(
+                vb.pp("lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                cfg,
+            )?),
+        };
+        Ok(Transformer {
+            cfg: cfg.resolved(),
+            embed_tokens,
+            positions,
+            rotary,
+            blocks,
+            norm,
+            lm_head,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The configuration that built this model, with head counts and widths resolved.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every parameter under its Hugging Face name, in file order (embeddings, layers,
+    /// final norm, output projection). A tied output projection is not listed.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        if let Some(positions) = &self.positions {
+            positions.named_tensors(&mut out);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            block.named_tensors(&format!("model.layers.{i}"), &mut out);
+        }
+        if let Some(norm) = &self.norm {
+            norm.named_tensors("model.norm", &mut out);
+        }
+        if let Some(lm_head) = &self.lm_head {
+            super::linear_tensors(lm_head, "lm_head", &mut out);
+        }
+        out
+    }
+
+    /// Logits (b, t, vocab) for every position of `ids` (b, t), without dropout.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.run(ids, None, None)
+    }
+
+    /// Logits (b, t, vocab) with dropout drawn from `rng`: the training forward.
+    pub fn forward_train(&self, ids: &Tensor, rng: &DropoutRng) -> Result<Tensor> {
+        self.run(ids, None, Some(rng))
+    }
+
+    /// Logits (b, t, vocab) for `ids` (b, t) following the positions already in
+    /// `kv_cache`, whose keys and values it then holds too. Prefill a prompt with one
+    /// call, then feed one token (b, 1) at a time.
+    pub fn forward_step(&self, ids: &Tensor, kv_cache: &mut KvCache) -> Result<Tensor> {
+        self.run(ids, Some(kv_cache), None)
+    }
+
+    /// log p(ids[b, i+1] | ids[b, ..=i]) in nats, as f32: (b, t - 1).
+    pub fn next_token_logprobs(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t < 2 {
+            return Ok(Tensor::zeros((b, 0), DType::F32, &self.device)?);
+        }
+        let logits = self.forward(ids)?.narrow(1, 0, t - 1)?; // (b, t-1, vocab)
+        let logprobs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let targets = ids
+            .narrow(1, 1, t - 1)?
+            .to_dtype(DType::U32)?
+            .contiguous()?; // (b, t-1)
+        Ok(logprobs.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?) // (b, t-1)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        mut kv_cache: Option<&mut KvCache>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2().map_err(|_| {
+            Error::Invalid(format!(
+                "token ids must be a (batch, time) tensor, got shape {:?}",
+                ids.dims()
+            ))
+        })?;
+        if t == 0 {
+            return Err(Error::Invalid("cannot run the model on zero tokens".into()));
+        }
+        let offset = kv_cache.as_ref().map_or(0, |cache| cache.len());
+        let limit = self.cfg.max_position_embeddings;
+        if self.cfg.position != PositionKind::None && offset + t > limit {
+            return Err(Error::Invalid(format!(
+                "positions {offset}..{} exceed max_position_embeddings = {limit}; \
+                 shorten the input or the generation",
+                offset + t
+            )));
+        }
+        let mut xs = self
+            .embed_tokens
+            .embedding(&ids.flatten_all()?)? // (b * t, c)
+            .reshape((b, t, self.cfg.hidden_size))?; // (b, t, c)
+        if let Some(positions) = &self.positions {
+            xs = positions.add(&xs, offset)?;
+        }
+        if let Some(rng) = rng {
+            xs = rng.dropout(&xs, self.cfg.dropout)?;
+        }
+        let mask = match t {
+            1 => None,
+            _ => Some(causal_mask(t, offset, &self.device)?), // (t, offset + t)
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let kv = kv_cache.as_deref_mut().map(|cache| cache.layer_mut(i));
+            xs = block.forward(&xs, self.rotary.as_ref(), offset, mask.as_ref(), kv, rng)?;
+        }
+        if let Some(cache) = kv_cache {
+            cache.advance(t);
+        }
+        if let Some(norm) = &self.norm {
+            xs = norm.forward(&xs)?;
+        }
+        let logits = match &self.lm_head {
+            Some(lm_head) => lm_head.forward(&xs)?,
+            // Tied weights: the output projection is the input embedding.
+            None => Linear::new(self.embed_tokens.clone(), None).forward(&xs)?,
+        }; // (b, t, vocab)
+        Ok(logits)
+    }
+}
+
+impl Module for Transformer {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        Transformer::forward(self, ids).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
