@@ -68,6 +68,10 @@ pub enum Command {
     /// Corpora: list the known ones and where they were found, or download one.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Subword tokenizers: train byte-level BPE, Unigram or char vocabularies; encode,
+    /// decode and measure text; read and write Hugging Face tokenizer.json.
+    #[command(subcommand)]
+    Bpe(BpeCommand),
     /// Count-based n-gram language models: train (modified Kneser-Ney as KenLM's
     /// lmplz, and the classic alternatives), query, convert ARPA <-> binary.
     #[command(subcommand)]
@@ -85,6 +89,134 @@ impl Command {
             _ => Vec::new(),
         }
     }
+}
+
+/// `nlp bpe ...`
+#[derive(Debug, Subcommand)]
+pub enum BpeCommand {
+    /// Learn a vocabulary from text and write it as a Hugging Face tokenizer.json.
+    ///
+    /// Example: `nlp bpe train --vocab-size 8000 tinyshakespeare -o tokenizer.json`
+    Train(BpeTrainArgs),
+    /// Encode text, one output line of ids (or pieces) per input line.
+    ///
+    /// Example: `nlp bpe encode -t tokenizer.json ptb-valid > ids.txt`
+    Encode(BpeEncodeArgs),
+    /// Decode lines of space-separated ids back to text.
+    Decode(BpeDecodeArgs),
+    /// Measure a tokenizer on a text: bytes per token, tokens per word, the longest
+    /// pieces, and the share of unknown or byte-fallback tokens.
+    Stats(BpeStatsArgs),
+    /// Write a byte-level BPE tokenizer's ranks as a tiktoken `.tiktoken` file.
+    Export(BpeExportArgs),
+}
+
+/// Which kind of subword model `nlp bpe train` learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SubwordModel {
+    /// Byte-level BPE (Sennrich et al. 2016, GPT-2's byte mapping): never an unknown token.
+    Bpe,
+    /// Unigram language model (Kudo 2018) with SentencePiece-style spaces.
+    Unigram,
+    /// One token per character seen, bytes for the rest.
+    Char,
+}
+
+/// `nlp bpe train`
+#[derive(Debug, Args)]
+pub struct BpeTrainArgs {
+    /// Training text: paths or known corpus names (default: the config's data.corpus).
+    pub corpus: Vec<String>,
+
+    /// Where to write tokenizer.json.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// The kind of model.
+    #[arg(long, value_enum, default_value = "bpe")]
+    pub model: SubwordModel,
+
+    /// Vocabulary size, special tokens included.
+    #[arg(long, default_value_t = 32000, value_name = "N")]
+    pub vocab_size: usize,
+
+    /// BPE: pairs seen fewer times than this are never merged.
+    #[arg(long, default_value_t = 0, value_name = "F")]
+    pub min_frequency: u64,
+
+    /// Special tokens, given ids 0, 1, ... in this order: comma-separated or
+    /// repeated (e.g. --special-tokens '<|endoftext|>,<pad>').
+    #[arg(long, value_delimiter = ',', value_name = "TOKEN,...")]
+    pub special_tokens: Vec<String>,
+
+    /// Longest token, in characters.
+    #[arg(long, value_name = "L")]
+    pub max_token_length: Option<usize>,
+
+    /// Memory for counting words, e.g. 512M; past it the rarest words are dropped,
+    /// with a warning that says how many.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+}
+
+/// `nlp bpe encode`
+#[derive(Debug, Args)]
+pub struct BpeEncodeArgs {
+    /// The tokenizer.json to use.
+    #[arg(short, long, value_name = "FILE")]
+    pub tokenizer: PathBuf,
+
+    /// Text to encode: a path, a known corpus name, or - for stdin.
+    #[arg(default_value = "-")]
+    pub input: String,
+
+    /// Print pieces instead of ids.
+    #[arg(long)]
+    pub pieces: bool,
+
+    /// BPE-dropout probability (Provilkov et al. 2020), seeded by --seed.
+    #[arg(long, value_name = "P")]
+    pub dropout: Option<f32>,
+
+    /// Unigram sampling smoothing (Kudo 2018): sample segmentations with
+    /// probability proportional to p^alpha, seeded by --seed.
+    #[arg(long, value_name = "ALPHA")]
+    pub alpha: Option<f32>,
+}
+
+/// `nlp bpe decode`
+#[derive(Debug, Args)]
+pub struct BpeDecodeArgs {
+    /// The tokenizer.json to use.
+    #[arg(short, long, value_name = "FILE")]
+    pub tokenizer: PathBuf,
+
+    /// Lines of space-separated ids: a path, or - for stdin.
+    #[arg(default_value = "-")]
+    pub input: String,
+}
+
+/// `nlp bpe stats`
+#[derive(Debug, Args)]
+pub struct BpeStatsArgs {
+    /// The tokenizer.json to measure.
+    #[arg(short, long, value_name = "FILE")]
+    pub tokenizer: PathBuf,
+
+    /// Text to measure it on: a path or a known corpus name.
+    pub text: String,
+}
+
+/// `nlp bpe export`
+#[derive(Debug, Args)]
+pub struct BpeExportArgs {
+    /// A byte-level BPE tokenizer.json.
+    #[arg(short, long, value_name = "FILE")]
+    pub tokenizer: PathBuf,
+
+    /// Where to write the `.tiktoken` rank file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 /// `nlp ngram ...`
@@ -139,10 +271,10 @@ pub struct NgramTrainArgs {
     #[arg(long, value_name = "METHOD")]
     pub smoothing: Option<String>,
 
-    /// Pruning thresholds per order, as lmplz's --prune: n-grams of order n >= 2
-    /// seen at most T_n times are dropped; the first value must be 0 and the last
-    /// repeats for higher orders.
-    #[arg(long, num_args = 1.., value_name = "T")]
+    /// Pruning thresholds per order, comma-separated (e.g. 0,1,1), as lmplz's
+    /// --prune: n-grams of order n >= 2 seen at most T_n times are dropped; the first
+    /// value must be 0 and the last repeats for higher orders.
+    #[arg(long, value_delimiter = ',', value_name = "T1,T2,...")]
     pub prune: Vec<u64>,
 
     /// Drop literal <s>, </s> and <unk> from the training text (lmplz's

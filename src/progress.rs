@@ -25,3 +25,17 @@ pub fn bytes_bar(total: Option<u64>, message: &str, quiet: bool) -> ProgressBar 
     bar.set_message(message.to_string());
     bar
 }
+
+/// A bar over a count of steps (merges, training steps).
+pub fn count_bar(message: &str, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

@@ -452,3 +452,145 @@ fn ngram_smoothing_methods_all_train_and_rank_as_expected() {
     assert!(perplexity["wb"] < perplexity["add-k"], "{perplexity:?}");
     assert!(perplexity["add-k"] < perplexity["mle"] && perplexity["jm"] < perplexity["mle"], "{perplexity:?}");
 }
+
+// ---------------------------------------------------------------------------
+// nlp bpe
+
+#[test]
+fn bpe_train_learns_the_merges_huggingface_tokenizers_learns() {
+    let sandbox = Sandbox::new();
+    let out = sandbox
+        .nlp()
+        .args(["bpe", "train", "--vocab-size", "300", "--special-tokens", "<|endoftext|>"])
+        .arg(shared().join("data/tinyshakespeare.txt"))
+        .args(["-o", "tok.json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ours: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sandbox.path().join("tok.json")).unwrap()).unwrap();
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared().join("fixtures/tokenizers/bytelevel_bpe_300_tinyshakespeare.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ours["model"]["vocab"], reference["model"]["vocab"]);
+    let merges = |v: &serde_json::Value| -> Vec<String> {
+        v["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => s.clone(),
+                pair => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
+            })
+            .collect()
+    };
+    assert_eq!(merges(&ours), merges(&reference));
+}
+
+#[test]
+fn bpe_encode_gives_the_ids_huggingface_tokenizers_gives() {
+    let sandbox = Sandbox::new();
+    let tokenizer = shared().join("fixtures/tokenizers/bytelevel_bpe_8000_shakespeare.json");
+    let text = std::fs::read_to_string(shared().join("data/wikitext2.valid.txt")).unwrap();
+    let out = sandbox.nlp().args(["bpe", "encode", "-t"]).arg(&tokenizer).arg("-").write_stdin(text.clone()).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let oracle = tokenizers::Tokenizer::from_file(&tokenizer).unwrap();
+    let printed = stdout(&out);
+    let ours: Vec<&str> = printed.lines().collect();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(ours.len(), lines.len());
+    for (line, encoded) in lines.iter().zip(&ours) {
+        let expected = oracle.encode(*line, false).unwrap();
+        let expected: Vec<String> = expected.get_ids().iter().map(u32::to_string).collect();
+        assert_eq!(*encoded, expected.join(" "), "line {line:?}");
+    }
+}
+
+#[test]
+fn bpe_encode_then_decode_round_trips_any_bytes() {
+    let sandbox = Sandbox::new();
+    let tokenizer = shared().join("fixtures/tokenizers/bytelevel_bpe_300_tinyshakespeare.json");
+    // Invalid UTF-8, control characters, every byte value, and non-Latin text.
+    let mut input: Vec<u8> = (0u8..=255).filter(|&b| b != b'\n' && b != b'\r').collect();
+    input.extend_from_slice(b"\nplain line\n\xff\xfe broken \xc3\n\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e text\n\n");
+    let encoded = sandbox.nlp().args(["bpe", "encode", "-t"]).arg(&tokenizer).write_stdin(input.clone()).output().unwrap();
+    assert!(encoded.status.success(), "{}", stderr(&encoded));
+    let decoded = sandbox.nlp().args(["bpe", "decode", "-t"]).arg(&tokenizer).write_stdin(encoded.stdout).output().unwrap();
+    assert!(decoded.status.success(), "{}", stderr(&decoded));
+    assert_eq!(decoded.stdout, input);
+}
+
+#[test]
+fn bpe_dropout_is_seeded_and_still_decodes_to_the_input() {
+    let sandbox = Sandbox::new();
+    let tokenizer = shared().join("fixtures/tokenizers/bytelevel_bpe_8000_shakespeare.json");
+    let text = "To be, or not to be, that is the question\n";
+    let run = |seed: &str| {
+        let out = sandbox
+            .nlp()
+            .args(["--seed", seed, "bpe", "encode", "--dropout", "0.3", "-t"])
+            .arg(&tokenizer)
+            .write_stdin(text)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let (a, b, c) = (run("1"), run("1"), run("2"));
+    assert_eq!(a, b, "same seed, same segmentation");
+    assert_ne!(a, c, "another seed, another segmentation");
+    let plain = sandbox.nlp().args(["bpe", "encode", "-t"]).arg(&tokenizer).write_stdin(text).output().unwrap();
+    assert!(a.split_whitespace().count() > stdout(&plain).split_whitespace().count(), "dropout splits more");
+    let decoded = sandbox.nlp().args(["bpe", "decode", "-t"]).arg(&tokenizer).write_stdin(a).output().unwrap();
+    assert_eq!(stdout(&decoded), text);
+}
+
+#[test]
+fn bpe_bad_inputs_are_one_line_errors_and_leave_no_file() {
+    let sandbox = Sandbox::new();
+    sandbox.write("empty.txt", "");
+    sandbox.write("text.txt", "some words here\n");
+    sandbox.write("corrupt.json", r#"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a"]}}"#);
+    sandbox.write("ids.txt", "1 2 x\n");
+    let fixture = shared().join("fixtures/tokenizers/bytelevel_bpe_300_tinyshakespeare.json");
+    let fixture = fixture.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["bpe", "train", "empty.txt", "-o", "tok.json"], "empty"),
+        (&["bpe", "train", "--vocab-size", "100", "text.txt", "-o", "tok.json"], "use at least 256"),
+        (&["bpe", "encode", "-t", "corrupt.json", "text.txt"], "merges"),
+        (&["bpe", "decode", "-t", fixture, "ids.txt"], "ids.txt:1"),
+        (&["bpe", "train", "missing.txt", "-o", "tok.json"], "missing.txt"),
+    ];
+    for (args, expected) in cases {
+        let out = sandbox.nlp().args(args).output().unwrap();
+        let err = assert_one_line_error(&out);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    assert!(!sandbox.path().join("tok.json").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(sandbox.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".nlp-partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn bpe_unigram_trains_a_file_that_tokenizers_loads_and_agrees_with() {
+    let sandbox = Sandbox::new();
+    let out = sandbox
+        .nlp()
+        .args(["bpe", "train", "--model", "unigram", "--vocab-size", "1000"])
+        .arg(shared().join("data/ptb.valid.txt"))
+        .args(["-o", "uni.json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let path = sandbox.path().join("uni.json");
+    let oracle = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let text = "the company said it expects higher earnings next year";
+    let out = sandbox.nlp().args(["bpe", "encode", "-t", "uni.json"]).write_stdin(text).output().unwrap();
+    let expected: Vec<String> = oracle.encode(text, false).unwrap().get_ids().iter().map(u32::to_string).collect();
+    assert_eq!(stdout(&out).trim(), expected.join(" "));
+}

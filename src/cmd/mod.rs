@@ -1,6 +1,7 @@
 //! Glue between the command line and the library: arguments in, library calls,
 //! results out. Nothing here computes.
 
+mod bpe;
 mod data;
 mod info;
 mod ngram;
@@ -73,6 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Some(Command::Data(command)) => data::run(&ctx, command),
+        Some(Command::Bpe(command)) => bpe::run(&ctx, command),
         Some(Command::Ngram(command)) => ngram::run(&ctx, command),
         Some(Command::Info) => info::run(&ctx),
         None => {

@@ -224,8 +224,9 @@ impl AnyTokenizer {
         out
     }
 
-    /// Encodes many texts in parallel; each worker keeps its own pre-token cache.
-    pub fn encode_batch(&self, texts: &[&str]) -> Vec<Vec<u32>> {
+    /// Encodes many texts (UTF-8 or raw bytes) in parallel; each worker keeps its own
+    /// pre-token cache.
+    pub fn encode_batch<T: AsRef<[u8]> + Sync>(&self, texts: &[T]) -> Vec<Vec<u32>> {
         // Chunks of texts share one cache: a fresh cache per text would rarely hit.
         let chunk = (texts.len() / (rayon::current_num_threads() * 8)).clamp(1, 4096);
         texts
@@ -235,8 +236,9 @@ impl AnyTokenizer {
                 chunk
                     .iter()
                     .map(|text| {
+                        let text = text.as_ref();
                         let mut out = Vec::with_capacity(text.len() / 3 + 1);
-                        self.encode_into(text.as_bytes(), &mut state, &mut out);
+                        self.encode_into(text, &mut state, &mut out);
                         out
                     })
                     .collect::<Vec<_>>()
