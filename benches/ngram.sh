@@ -22,8 +22,8 @@ $quick || corpora+=("$(big_corpus)")
 printf '%-16s %-28s %10s %10s %8s\n' corpus task nlp kenlm ratio
 for corpus in "${corpora[@]}"; do
   name="$(basename "$corpus" .txt)"
-  read -r k_s k_kib < <(measure "$bin/lmplz" -o 5 -S 1G -T "$OUT" --text "$corpus" --arpa "$OUT/$name.kenlm.arpa")
-  read -r n_s n_kib < <(measure "$NLP" -q ngram train --order 5 --memory 1G "$corpus" -o "$OUT/$name.nlp.arpa")
+  read -r k_s k_kib < <(measure "$bin/lmplz" -o 5 -S 1G -T "$OUT" --skip_symbols --text "$corpus" --arpa "$OUT/$name.kenlm.arpa")
+  read -r n_s n_kib < <(measure "$NLP" -q ngram train --order 5 --memory 1G --skip-symbols "$corpus" -o "$OUT/$name.nlp.arpa")
   printf '%-16s %-28s %10s %10s %8s\n' "$name" "train o5 wall (s)" "$n_s" "$k_s" "$(ratio "$n_s" "$k_s")"
   printf '%-16s %-28s %10s %10s %8s\n' "$name" "train o5 peak (MB)" "$((n_kib / 1024))" "$((k_kib / 1024))" "$(ratio "$n_kib" "$k_kib")"
 

@@ -102,36 +102,59 @@ pub fn write_arpa(model: &Arpa, path: &Path) -> Result<()> {
     write_atomically(path, |out| write_arpa_to(model, out))
 }
 
-/// Writes `model` in ARPA format to `out`.
+/// Rows formatted per parallel task when writing ARPA text.
+const ROWS_PER_TASK: usize = 1 << 13;
+
+/// Writes `model` in ARPA format to `out`. Lines are formatted in parallel, a
+/// window of tasks at a time so that memory stays bounded, and written in order.
 pub fn write_arpa_to<W: Write>(model: &Arpa, out: &mut W) -> std::io::Result<()> {
+    use rayon::prelude::*;
+
     let top = model.order();
     let mut text = String::from("\\data\\\n");
     for order in &model.orders {
         let _ = writeln!(text, "ngram {}={}", order.order, order.len());
     }
     out.write_all(text.as_bytes())?;
+    let window = rayon::current_num_threads() * 2;
     for order in &model.orders {
         write!(out, "\n\\{}-grams:\n", order.order)?;
-        let mut line = String::new();
-        for row in 0..order.len() {
-            line.clear();
-            format_f32(order.log10_prob[row], &mut line);
-            line.push('\t');
-            for (i, &id) in order.ngram(row).iter().enumerate() {
-                if i > 0 {
-                    line.push(' ');
-                }
-                line.push_str(&model.vocab[id as usize]);
+        let tasks: Vec<usize> = (0..order.len()).step_by(ROWS_PER_TASK).collect();
+        for starts in tasks.chunks(window) {
+            let formatted: Vec<String> = starts
+                .par_iter()
+                .map(|&start| {
+                    let end = (start + ROWS_PER_TASK).min(order.len());
+                    format_rows(model, order, start..end, order.order < top)
+                })
+                .collect();
+            for chunk in formatted {
+                out.write_all(chunk.as_bytes())?;
             }
-            if order.order < top {
-                line.push('\t');
-                format_f32(order.log10_backoff[row], &mut line);
-            }
-            line.push('\n');
-            out.write_all(line.as_bytes())?;
         }
     }
     out.write_all(b"\n\\end\\\n")
+}
+
+/// The ARPA lines of some rows of one order.
+fn format_rows(model: &Arpa, order: &ArpaOrder, rows: std::ops::Range<usize>, with_backoff: bool) -> String {
+    let mut text = String::with_capacity(rows.len() * (12 + 8 * order.order));
+    for row in rows {
+        format_f32(order.log10_prob[row], &mut text);
+        text.push('\t');
+        for (i, &id) in order.ngram(row).iter().enumerate() {
+            if i > 0 {
+                text.push(' ');
+            }
+            text.push_str(&model.vocab[id as usize]);
+        }
+        if with_backoff {
+            text.push('\t');
+            format_f32(order.log10_backoff[row], &mut text);
+        }
+        text.push('\n');
+    }
+    text
 }
 
 /// Opens a file for reading, decompressing it when it starts with the gzip magic.
