@@ -76,6 +76,12 @@ pub enum Command {
     /// lmplz, and the classic alternatives), query, convert ARPA <-> binary.
     #[command(subcommand)]
     Ngram(NgramCommand),
+    /// Train a LLaMA-style (or Vaswani-style) transformer from a TOML config; the
+    /// output folder is a Hugging Face Llama model directory. Resumes with --resume.
+    Train(crate::cmd::train::TrainArgs),
+    /// Decode from a model directory or an n-gram model: greedy, beam, sampling
+    /// (temperature, top-k, top-p, epsilon, ...), contrastive, MBR, speculative.
+    Generate(crate::cmd::generate::GenerateArgs),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,
 }
@@ -86,6 +92,7 @@ impl Command {
     pub fn config_overrides(&self) -> Vec<String> {
         match self {
             Command::Ngram(NgramCommand::Train(args)) => args.config_overrides(),
+            Command::Train(args) => args.config_overrides(),
             _ => Vec::new(),
         }
     }

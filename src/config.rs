@@ -24,6 +24,10 @@ pub struct Config {
     pub data: DataConfig,
     /// `nlp ngram train`.
     pub ngram: NgramConfig,
+    /// The transformer's shape, for `nlp train`.
+    pub model: crate::train::ModelSection,
+    /// The training loop, for `nlp train`.
+    pub train: crate::train::TrainSection,
 }
 
 /// `[run]`: settings every command shares.
@@ -322,6 +326,8 @@ impl Config {
                 "must name a corpus (a path or a known name such as tinyshakespeare)".to_string(),
             ));
         }
+        self.train.validate()?;
+        self.model.validate(self.train.seq_len)?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod data;
+pub mod decode;
 pub mod device;
 pub mod error;
 pub mod fsutil;
@@ -15,5 +16,6 @@ pub mod model;
 pub mod ngram;
 pub mod progress;
 pub mod tokenize;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -30,6 +30,48 @@ pub trait LanguageModel {
     /// forward pass for many prefixes do so.
     fn next_logprobs(&self, states: &[Self::State]) -> Result<Vec<Vec<f32>>>;
 
+    /// The state after `tokens`, starting from [`LanguageModel::initial_state`]. A model
+    /// that can read a whole prompt in one pass (the transformer) overrides this.
+    fn prefill(&self, tokens: &[u32]) -> Result<Self::State> {
+        let mut state = self.initial_state();
+        for &token in tokens {
+            self.advance(&mut state, token)?;
+        }
+        Ok(state)
+    }
+
+    /// Advances each state by its token (`states[i]` by `tokens[i]`). A model that can
+    /// step several prefixes in one forward pass (a batch of beams) overrides this.
+    fn advance_batch(&self, states: &mut [Self::State], tokens: &[u32]) -> Result<()> {
+        if states.len() != tokens.len() {
+            return Err(crate::Error::Invalid(format!(
+                "advance_batch got {} states but {} tokens",
+                states.len(),
+                tokens.len()
+            )));
+        }
+        for (state, &token) in states.iter_mut().zip(tokens) {
+            self.advance(state, token)?;
+        }
+        Ok(())
+    }
+
+    /// Feeds `tokens` one after another and returns the next-token log-probabilities
+    /// after each of them (row `i` conditions on `tokens[..=i]`). Speculative decoding
+    /// verifies a draft with it; the transformer does it in one forward pass.
+    fn advance_scored(&self, state: &mut Self::State, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut rows = Vec::with_capacity(tokens.len());
+        for &token in tokens {
+            self.advance(state, token)?;
+            let row = self
+                .next_logprobs(std::slice::from_ref(state))?
+                .pop()
+                .ok_or_else(|| crate::Error::Invalid("the model returned no row".into()))?;
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
     /// Log-probability (nats) of each token of `tokens` given the tokens before it,
     /// starting from [`LanguageModel::initial_state`].
     fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {

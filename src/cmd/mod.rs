@@ -3,8 +3,10 @@
 
 mod bpe;
 mod data;
+pub mod generate;
 mod info;
 mod ngram;
+pub mod train;
 
 use std::io::Write;
 
@@ -76,6 +78,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Data(command)) => data::run(&ctx, command),
         Some(Command::Bpe(command)) => bpe::run(&ctx, command),
         Some(Command::Ngram(command)) => ngram::run(&ctx, command),
+        Some(Command::Train(args)) => train::run(&ctx, args),
+        Some(Command::Generate(args)) => generate::run(&ctx, args),
         Some(Command::Info) => info::run(&ctx),
         None => {
             use clap::CommandFactory;

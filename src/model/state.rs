@@ -92,6 +92,31 @@ impl Transformer {
         Ok(())
     }
 
+    /// Runs `tokens` through the model after `state` in one forward pass and returns
+    /// the next-token log-probabilities after each of them.
+    fn feed_scored(&self, state: &mut TransformerState, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        for &token in tokens {
+            self.check_token(token)?;
+        }
+        let mut input = Vec::with_capacity(tokens.len() + 1);
+        if state.kv_cache.is_empty() {
+            input.extend(self.config().bos_token_id);
+        }
+        input.extend_from_slice(tokens);
+        let n = input.len();
+        let ids = Tensor::from_vec(input, (1, n), self.device())?; // (1, n)
+        let logits = self.forward_step(&ids, &mut state.kv_cache)?; // (1, n, vocab)
+        // The rows after each of `tokens` (not after a BOS we prepended).
+        let logits = logits.squeeze(0)?.narrow(0, n - tokens.len(), tokens.len())?; // (t, vocab)
+        let rows = log_softmax_rows(&logits)?;
+        state.tokens.extend_from_slice(tokens);
+        state.next_logprobs = rows.last().map(|row| row.as_slice().into());
+        Ok(rows)
+    }
+
     /// Runs `tokens` through the model after `state`, keeping the last row.
     fn feed(&self, state: &mut TransformerState, tokens: &[u32]) -> Result<()> {
         for &token in tokens {
@@ -166,6 +191,25 @@ impl LanguageModel for Transformer {
 
     fn advance(&self, state: &mut TransformerState, token: u32) -> Result<()> {
         self.feed(state, &[token])
+    }
+
+    /// The whole prompt in one forward pass.
+    fn prefill(&self, tokens: &[u32]) -> Result<TransformerState> {
+        Transformer::prefill(self, tokens)
+    }
+
+    /// Beams with equally long caches step as one batched forward pass.
+    fn advance_batch(&self, states: &mut [TransformerState], tokens: &[u32]) -> Result<()> {
+        Transformer::advance_batch(self, states, tokens)
+    }
+
+    /// All of `tokens` in one forward pass, every row kept.
+    fn advance_scored(
+        &self,
+        state: &mut TransformerState,
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.feed_scored(state, tokens)
     }
 
     fn next_logprobs(&self, states: &[TransformerState]) -> Result<Vec<Vec<f32>>> {
