@@ -5,6 +5,7 @@ mod bpe;
 mod data;
 pub mod generate;
 mod info;
+mod loaded;
 mod ngram;
 pub mod train;
 

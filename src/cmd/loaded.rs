@@ -1,0 +1,266 @@
+//! Opening a model for `generate`, `eval` and `lora`: a transformer directory
+//! (config.json, model.safetensors, tokenizer.json) or an n-gram model file, together
+//! with the way its text maps to token ids.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::DType;
+
+use super::Context;
+use crate::decode::Detokenizer;
+use crate::lm::LanguageModel;
+use crate::model::Transformer;
+use crate::ngram::{self, NgramModel};
+use crate::tokenize::{self, AnyTokenizer, Tokenizer};
+
+/// How a transformer directory's text maps to ids.
+pub enum Codec {
+    /// A `tokenizer.json` that `tokenize::load_json` reads.
+    Tokenizer(AnyTokenizer),
+    /// A character-level WordLevel `tokenizer.json` (one piece per character, as
+    /// `transformers` writes for char models), which `load_json` does not read.
+    Chars(CharVocab),
+}
+
+/// One token per character: piece strings by id and the unknown id.
+pub struct CharVocab {
+    pieces: Vec<String>,
+    ids: std::collections::HashMap<char, u32>,
+    unk: Option<u32>,
+}
+
+impl CharVocab {
+    /// Reads a WordLevel `tokenizer.json` whose pieces are all single characters.
+    pub fn load(path: &Path) -> Option<CharVocab> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let model = value.get("model")?;
+        if model.get("type")?.as_str()? != "WordLevel" {
+            return None;
+        }
+        let unk_token = model.get("unk_token").and_then(|v| v.as_str());
+        let mut entries: Vec<(String, u32)> = Vec::new();
+        for (piece, id) in model.get("vocab")?.as_object()? {
+            entries.push((piece.clone(), u32::try_from(id.as_u64()?).ok()?));
+        }
+        let size = entries.iter().map(|(_, id)| *id as usize + 1).max()?;
+        let mut pieces = vec![String::new(); size];
+        let mut ids = std::collections::HashMap::new();
+        let mut unk = None;
+        for (piece, id) in entries {
+            if Some(piece.as_str()) == unk_token {
+                unk = Some(id);
+            } else {
+                let mut chars = piece.chars();
+                let (Some(c), None) = (chars.next(), chars.next()) else {
+                    return None;
+                };
+                ids.insert(c, id);
+            }
+            pieces[id as usize] = piece;
+        }
+        Some(CharVocab { pieces, ids, unk })
+    }
+
+    pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, char> {
+        text.chars()
+            .map(|c| self.ids.get(&c).copied().or(self.unk).ok_or(c))
+            .collect()
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        ids.iter()
+            .filter(|&&id| Some(id) != self.unk)
+            .filter_map(|&id| self.pieces.get(id as usize))
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+impl Codec {
+    pub fn load(path: &Path) -> Result<Codec> {
+        match tokenize::load_json(path) {
+            Ok(tokenizer) => Ok(Codec::Tokenizer(tokenizer)),
+            Err(error) => match CharVocab::load(path) {
+                Some(chars) => Ok(Codec::Chars(chars)),
+                None => Err(error.into()),
+            },
+        }
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Codec::Tokenizer(tokenizer) => Ok(tokenizer.encode(text)),
+            Codec::Chars(chars) => chars.encode(text).map_err(|c| {
+                anyhow::anyhow!("the character {c:?} is not in the model's vocabulary")
+            }),
+        }
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Codec::Tokenizer(tokenizer) => Ok(tokenizer.decode(ids)?),
+            Codec::Chars(chars) => Ok(chars.decode(ids)),
+        }
+    }
+
+    pub fn piece(&self, id: u32) -> String {
+        match self {
+            Codec::Tokenizer(tokenizer) => tokenizer.id_to_piece(id).unwrap_or("").to_string(),
+            Codec::Chars(chars) => chars.pieces.get(id as usize).cloned().unwrap_or_default(),
+        }
+    }
+}
+
+/// A loaded model with the way its text maps to ids.
+pub enum Loaded {
+    Transformer {
+        model: Transformer,
+        tokenizer: Arc<Codec>,
+    },
+    Ngram {
+        model: NgramModel,
+        words: Arc<Vec<String>>,
+    },
+}
+
+impl Loaded {
+    pub fn open(path: &Path, ctx: &Context) -> Result<Loaded> {
+        if path.is_dir() {
+            let tokenizer_path = path.join("tokenizer.json");
+            if !tokenizer_path.is_file() {
+                bail!(
+                    "{}: no tokenizer.json in this model directory; copy the tokenizer the model was trained with there",
+                    path.display()
+                );
+            }
+            let tokenizer = Codec::load(&tokenizer_path)?;
+            let device = ctx.config.device()?.resolve()?;
+            let model = Transformer::from_pretrained(path, &device, DType::F32)
+                .with_context(|| format!("loading the model in {}", path.display()))?;
+            return Ok(Loaded::Transformer {
+                model,
+                tokenizer: Arc::new(tokenizer),
+            });
+        }
+        if !path.is_file() {
+            bail!(
+                "{}: no such model; pass a model directory (config.json, model.safetensors, tokenizer.json) or an n-gram model (.arpa, .bin)",
+                path.display()
+            );
+        }
+        let model = ngram::load(path)
+            .with_context(|| format!("loading the n-gram model {}", path.display()))?;
+        let words = (0..model.vocab_size() as u32)
+            .map(|id| model.word(id).unwrap_or("").to_string())
+            .collect();
+        Ok(Loaded::Ngram {
+            model,
+            words: Arc::new(words),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Loaded::Transformer { model, .. } => model.vocab_size(),
+            Loaded::Ngram { model, .. } => model.vocab_size(),
+        }
+    }
+
+    pub fn eos(&self) -> Option<u32> {
+        match self {
+            Loaded::Transformer { model, .. } => model.config().eos_token_id,
+            Loaded::Ngram { model, .. } => model.eos_id(),
+        }
+    }
+
+    /// Text to ids; every id must be in the model's vocabulary.
+    pub fn encode(&self, text: &str, what: &str) -> Result<Vec<u32>> {
+        match self {
+            Loaded::Transformer { model, tokenizer } => {
+                let ids = tokenizer.encode(text).with_context(|| what.to_string())?;
+                let vocab = model.vocab_size();
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    bail!(
+                        "{what}: token id {bad} ({:?}) is outside the model's vocabulary of {vocab}; \
+                         is the text in the model's alphabet, and does tokenizer.json belong to this model?",
+                        tokenizer.piece(bad)
+                    );
+                }
+                Ok(ids)
+            }
+            Loaded::Ngram { model, .. } => text
+                .split_whitespace()
+                .map(|word| {
+                    model.word_id(word).with_context(|| {
+                        format!("{what}: the word `{word}` is not in the n-gram model's vocabulary")
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Ids to text.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Loaded::Transformer { tokenizer, .. } => Ok(tokenizer.decode(ids)?),
+            Loaded::Ngram { words, .. } => Ok(join_words(words, ids)),
+        }
+    }
+
+    /// The piece of each id.
+    pub fn pieces(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter()
+            .map(|&id| match self {
+                Loaded::Transformer { tokenizer, .. } => tokenizer.piece(id),
+                Loaded::Ngram { words, .. } => {
+                    words.get(id as usize).cloned().unwrap_or_default()
+                }
+            })
+            .collect()
+    }
+
+    pub fn detokenizer(&self) -> Detokenizer {
+        match self {
+            Loaded::Transformer { tokenizer, .. } => {
+                let tokenizer = Arc::clone(tokenizer);
+                Arc::new(move |ids: &[u32]| tokenizer.decode(ids).unwrap_or_default())
+            }
+            Loaded::Ngram { words, .. } => {
+                let words = Arc::clone(words);
+                Arc::new(move |ids: &[u32]| join_words(&words, ids))
+            }
+        }
+    }
+
+    /// Token sequences that spell a banned or forced phrase.
+    pub fn phrase_ids(&self, phrase: &str, flag: &str) -> Result<Vec<Vec<u32>>> {
+        let mut spellings = vec![self.encode(phrase, flag)?];
+        if let Loaded::Transformer { .. } = self {
+            // Mid-sentence a word usually follows a space, which subword tokenizers fold in.
+            if !phrase.starts_with(' ') {
+                let spaced = self.encode(&format!(" {phrase}"), flag)?;
+                if !spaced.is_empty() && !spellings.contains(&spaced) {
+                    spellings.push(spaced);
+                }
+            }
+        }
+        spellings.retain(|s| !s.is_empty());
+        if spellings.is_empty() {
+            bail!("{flag} `{phrase}`: the phrase encodes to no tokens");
+        }
+        Ok(spellings)
+    }
+}
+
+pub fn join_words(words: &[String], ids: &[u32]) -> String {
+    ids.iter()
+        .filter_map(|&id| words.get(id as usize))
+        .filter(|w| !matches!(w.as_str(), "<s>" | "</s>"))
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
