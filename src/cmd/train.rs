@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
 use super::Context;
@@ -111,13 +111,6 @@ pub fn run(ctx: &Context, args: TrainArgs) -> Result<()> {
     )
     .with_context(|| format!("training into {}", args.output.display()))?;
     bar.finish_and_clear();
-    if summary.interrupted {
-        tracing::warn!(
-            "interrupted at step {}: checkpoint written; continue with `nlp train --resume -o {}`",
-            summary.steps,
-            args.output.display()
-        );
-    }
     if ctx.json {
         ctx.print_json(&json!({
             "output": summary.out_dir,
@@ -151,6 +144,14 @@ pub fn run(ctx: &Context, args: TrainArgs) -> Result<()> {
             loss(summary.best_val_loss),
         );
         println!("model directory: {}", summary.out_dir.display());
+    }
+    if summary.interrupted {
+        // Not a success: scripts must not mistake a stopped run for a finished one.
+        bail!(
+            "interrupted at step {}: checkpoint written; continue with `nlp train --resume -o {}` and the same config",
+            summary.steps,
+            args.output.display()
+        );
     }
     Ok(())
 }
