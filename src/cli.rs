@@ -307,6 +307,11 @@ pub struct NgramTrainArgs {
     /// the training lines).
     #[arg(long, value_name = "TEXT")]
     pub heldout: Option<String>,
+
+    /// Count subword units instead of words: encode each line with this
+    /// tokenizer.json (from `nlp bpe train`); the model's words are the token ids.
+    #[arg(short, long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl NgramTrainArgs {
@@ -360,6 +365,11 @@ pub struct NgramQueryArgs {
     /// Also print each sentence's log10 probability, OOV count and token count.
     #[arg(long)]
     pub per_sentence: bool,
+
+    /// Encode the text with this tokenizer.json first, as the model was trained
+    /// (`nlp ngram train -t`).
+    #[arg(short, long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// `nlp ngram convert`

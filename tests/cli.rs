@@ -358,6 +358,33 @@ fn ngram_literal_sentence_marker_suggests_skip_symbols_and_writes_nothing() {
 }
 
 #[test]
+fn ngram_with_a_tokenizer_counts_the_ids_bpe_encode_gives() {
+    let sandbox = Sandbox::new();
+    let text = std::fs::read(shared().join("data/tinyshakespeare.txt")).unwrap();
+    sandbox.write("text.txt", &String::from_utf8_lossy(&text[..100_000]));
+    let run = |args: &[&str]| {
+        let out = sandbox.nlp().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    run(&["bpe", "train", "--vocab-size", "400", "text.txt", "-o", "tok.json"]);
+    let ids = run(&["bpe", "encode", "-t", "tok.json", "text.txt"]);
+    sandbox.write("ids.txt", &ids);
+    // Counting through the tokenizer equals counting its ids written out first.
+    run(&["ngram", "train", "--order", "3", "-t", "tok.json", "text.txt", "-o", "sub.arpa"]);
+    run(&["ngram", "train", "--order", "3", "ids.txt", "-o", "ids.arpa"]);
+    let read = |name: &str| std::fs::read(sandbox.path().join(name)).unwrap();
+    assert!(read("sub.arpa") == read("ids.arpa"), "the two models differ");
+    let through_tokenizer = run(&["--json", "ngram", "query", "-m", "sub.arpa", "-t", "tok.json", "text.txt"]);
+    let from_ids = run(&["--json", "ngram", "query", "-m", "sub.arpa", "ids.txt"]);
+    assert_eq!(through_tokenizer, from_ids);
+    let report: serde_json::Value = serde_json::from_str(from_ids.trim()).unwrap();
+    assert_eq!(report["oov"], 0);
+    let tokens = ids.split_whitespace().count() + ids.lines().count();
+    assert_eq!(report["tokens"].as_u64().unwrap() as usize, tokens, "ids plus one </s> per line");
+}
+
+#[test]
 fn ngram_bad_inputs_are_one_line_errors() {
     let sandbox = Sandbox::new();
     sandbox.write("empty.txt", "");

@@ -1,6 +1,6 @@
 //! `nlp ngram train|query|convert`.
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use crate::cli::{ModelFormat, NgramCommand, NgramConvertArgs, NgramQueryArgs, Ng
 use crate::config::parse_size;
 use crate::data;
 use crate::ngram::{self, NgramModel, TrainOptions};
+use crate::tokenize::{self, AnyTokenizer, IdLines};
 
 pub fn run(ctx: &Context, command: NgramCommand) -> Result<()> {
     match command {
@@ -40,13 +41,27 @@ fn train(ctx: &Context, args: &NgramTrainArgs) -> Result<()> {
     let settings = &ctx.config.ngram;
     let format = output_format(&args.output, args.format)?;
     let corpus = data::resolve(&ctx.config.data.corpus)?;
+    let tokenizer = args.tokenizer.as_deref().map(load_tokenizer).transpose()?;
+    // Held-out text encoded by the tokenizer lives in a temporary file until training ends.
+    let mut encoded_heldout = None;
     let heldout = match args.heldout.as_deref().map(data::resolve).transpose()? {
-        Some(corpus) => Some(
-            corpus
-                .whole_file()
-                .map(Path::to_path_buf)
-                .context("--heldout takes a whole file; a slice is not supported there")?,
-        ),
+        Some(corpus) => match &tokenizer {
+            Some(tokenizer) => {
+                let mut file = tempfile::NamedTempFile::new()
+                    .context("creating a temporary file for the encoded held-out text")?;
+                std::io::copy(&mut IdLines::new(tokenizer, corpus.open()?), &mut file)
+                    .with_context(|| format!("encoding the held-out text {corpus}"))?;
+                let path = file.path().to_path_buf();
+                encoded_heldout = Some(file);
+                Some(path)
+            }
+            None => Some(
+                corpus
+                    .whole_file()
+                    .map(Path::to_path_buf)
+                    .context("--heldout takes a whole file; a slice is not supported there")?,
+            ),
+        },
         None => None,
     };
     let options = TrainOptions {
@@ -65,7 +80,15 @@ fn train(ctx: &Context, args: &NgramTrainArgs) -> Result<()> {
         options.smoothing,
     );
     let started = Instant::now();
-    let trained = ngram::train_reader(corpus.open()?, &corpus.path, &options)?;
+    let trained = match &tokenizer {
+        Some(tokenizer) => ngram::train_reader(
+            std::io::BufReader::new(IdLines::new(tokenizer, corpus.open()?)),
+            &corpus.path,
+            &options,
+        )?,
+        None => ngram::train_reader(corpus.open()?, &corpus.path, &options)?,
+    };
+    drop(encoded_heldout);
     for warning in &trained.warnings {
         tracing::warn!("{warning}");
     }
@@ -108,12 +131,22 @@ fn train(ctx: &Context, args: &NgramTrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// A tokenizer.json whose ids become the n-gram model's words.
+fn load_tokenizer(path: &Path) -> Result<AnyTokenizer> {
+    tokenize::load_json(path).with_context(|| format!("loading the tokenizer {}", path.display()))
+}
+
 fn query(ctx: &Context, args: &NgramQueryArgs) -> Result<()> {
     let model = ngram::load(&args.model)?;
-    let report = if args.text == "-" {
-        model.query(std::io::stdin().lock())?
+    let tokenizer = args.tokenizer.as_deref().map(load_tokenizer).transpose()?;
+    let text: Box<dyn BufRead> = if args.text == "-" {
+        Box::new(std::io::stdin().lock())
     } else {
-        model.query(data::resolve(&args.text)?.open()?)?
+        Box::new(data::resolve(&args.text)?.open()?)
+    };
+    let report = match &tokenizer {
+        Some(tokenizer) => model.query(std::io::BufReader::new(IdLines::new(tokenizer, text)))?,
+        None => model.query(text)?,
     };
     if ctx.json {
         let mut value = json!({
