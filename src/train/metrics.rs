@@ -60,9 +60,10 @@ impl MetricsLog {
         })
     }
 
-    /// Appends one record.
+    /// Appends one record and flushes it, so `tail -f metrics.jsonl` follows the run.
     pub fn write(&mut self, record: &Value) -> Result<()> {
-        writeln!(self.out, "{record}").map_err(|e| Error::io(&self.path, e))
+        writeln!(self.out, "{record}").map_err(|e| Error::io(&self.path, e))?;
+        self.flush()
     }
 
     /// Pushes buffered lines to the file.
