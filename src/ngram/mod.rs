@@ -28,6 +28,7 @@ mod jelinek_mercer;
 mod kneser_ney;
 mod maximum_likelihood;
 mod model;
+mod subword;
 mod vocab;
 mod witten_bell;
 
@@ -41,6 +42,7 @@ use std::path::{Path, PathBuf};
 pub use arpa::{read_arpa, read_arpa_from, write_arpa, write_arpa_to, Arpa, ArpaOrder};
 pub use discount::Discount;
 pub use model::{load, NgramModel, QueryReport, SentenceScore};
+pub use subword::SubwordNgram;
 
 use crate::fsutil::AtomicFile;
 use crate::{Error, Result};
