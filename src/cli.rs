@@ -189,6 +189,11 @@ pub struct BpeEncodeArgs {
     /// probability proportional to p^alpha, seeded by --seed.
     #[arg(long, value_name = "ALPHA")]
     pub alpha: Option<f32>,
+
+    /// With --alpha: sample among the N best segmentations of each word instead of
+    /// the whole lattice (SentencePiece's nbest_size; 0 = whole lattice).
+    #[arg(long, value_name = "N")]
+    pub nbest: Option<usize>,
 }
 
 /// `nlp bpe decode`

@@ -147,6 +147,9 @@ fn for_each_batch(input: &str, mut each: impl FnMut(&[Vec<u8>]) -> Result<()>) -
 fn encode(ctx: &Context, args: &BpeEncodeArgs) -> Result<()> {
     let tokenizer = tokenize::load_json(&args.tokenizer)?;
     let regularize = args.dropout.is_some() || args.alpha.is_some();
+    if args.nbest.is_some() && args.alpha.is_none() {
+        bail!("--nbest samples segmentations: give --alpha too (e.g. --alpha 0.1 --nbest 64)");
+    }
     if let Some(p) = args.dropout {
         if !(0.0..=1.0).contains(&p) {
             bail!("--dropout {p}: a probability must lie in [0, 1]");
@@ -165,7 +168,7 @@ fn encode(ctx: &Context, args: &BpeEncodeArgs) -> Result<()> {
                     let options = EncodeOptions {
                         dropout: args.dropout,
                         alpha: args.alpha,
-                        nbest: None,
+                        nbest: args.nbest,
                         seed: ctx.config.run.seed ^ (line_number + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     };
                     tokenizer.encode_with(&String::from_utf8_lossy(line), &options)

@@ -126,7 +126,8 @@ pub struct EncodeOptions {
     pub dropout: Option<f32>,
     /// Unigram sampling smoothing (scores are multiplied by it; small is more uniform).
     pub alpha: Option<f32>,
-    /// Unigram n-best size; not supported yet: sampling uses the full lattice.
+    /// Unigram n-best size: sample among the N best segmentations (None or 0: the
+    /// whole lattice).
     pub nbest: Option<usize>,
     /// Seed of the sampler.
     pub seed: u64,
@@ -274,7 +275,10 @@ impl AnyTokenizer {
                     Segment::Token(id) => out.push(id),
                     Segment::Text(part, at_start) => self.pre.split(part, at_start, &mut scratch, &mut |piece| {
                         let piece = String::from_utf8_lossy(piece);
-                        unigram.sample_piece(&piece, alpha as f64, &mut rng, &mut out)
+                        match opts.nbest.filter(|&n| n > 0) {
+                            Some(n) => unigram.sample_nbest_piece(&piece, n, alpha as f64, &mut rng, &mut out),
+                            None => unigram.sample_piece(&piece, alpha as f64, &mut rng, &mut out),
+                        }
                     }),
                 });
             }

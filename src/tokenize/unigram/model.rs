@@ -169,12 +169,10 @@ impl Unigram {
         out[first..].reverse();
     }
 
-    /// Samples a segmentation from p(x) ∝ exp(alpha * score(x)) over the full lattice
-    /// (forward filtering, backward sampling), appending ids to `out`.
-    pub(crate) fn sample_piece(&self, text: &str, alpha: f64, rng: &mut SplitMix64, out: &mut Vec<u32>) {
-        let bytes = text.as_bytes();
+    /// The segmentation lattice of one pre-token: for each byte position, the edges
+    /// (start, id, score) of the pieces ending there; an unknown character is one edge.
+    fn lattice(&self, bytes: &[u8]) -> Vec<Vec<(usize, u32, f64)>> {
         let n = bytes.len();
-        // Edges ending at each position: (start, id, score).
         let mut ending: Vec<Vec<(usize, u32, f64)>> = vec![Vec::new(); n + 1];
         let mut start = 0;
         while start < n {
@@ -189,6 +187,14 @@ impl Unigram {
             }
             start += char_len;
         }
+        ending
+    }
+
+    /// Samples a segmentation from p(x) ∝ exp(alpha * score(x)) over the full lattice
+    /// (forward filtering, backward sampling), appending ids to `out`.
+    pub(crate) fn sample_piece(&self, text: &str, alpha: f64, rng: &mut SplitMix64, out: &mut Vec<u32>) {
+        let n = text.len();
+        let ending = self.lattice(text.as_bytes());
         // alpha_f[pos] = log sum over paths from 0 to pos of exp(alpha * score).
         let mut forward = vec![f64::NEG_INFINITY; n + 1];
         forward[0] = 0.0;
@@ -222,6 +228,62 @@ impl Unigram {
         }
         self.backtrack(text, |e| chosen[e], out);
     }
+
+    /// Samples one of the `nbest` best segmentations, each with probability
+    /// proportional to exp(alpha * score), as SentencePiece's n-best sampling does
+    /// (Kudo 2018, section 2.2), appending ids to `out`. `nbest` 1 is Viterbi.
+    pub(crate) fn sample_nbest_piece(
+        &self,
+        text: &str,
+        nbest: usize,
+        alpha: f64,
+        rng: &mut SplitMix64,
+        out: &mut Vec<u32>,
+    ) {
+        let n = text.len();
+        let ending = self.lattice(text.as_bytes());
+        // best[pos]: up to `nbest` partial paths ending at pos, best first, as
+        // (score, start, id, rank of the path it extends at `start`).
+        let mut best: Vec<Vec<(f64, usize, u32, usize)>> = vec![Vec::new(); n + 1];
+        best[0].push((0.0, 0, u32::MAX, 0));
+        for end in 1..=n {
+            let mut candidates: Vec<(f64, usize, u32, usize)> = ending[end]
+                .iter()
+                .flat_map(|&(start, id, score)| {
+                    best[start]
+                        .iter()
+                        .enumerate()
+                        .map(move |(rank, path)| (path.0 + score, start, id, rank))
+                })
+                .collect();
+            // Ties keep lattice order, so the result does not depend on the sort.
+            candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+            candidates.truncate(nbest.max(1));
+            best[end] = candidates;
+        }
+        let finals = &best[n];
+        let top = finals.first().map_or(0.0, |path| path.0);
+        let weights: Vec<f64> = finals.iter().map(|path| (alpha * (path.0 - top)).exp()).collect();
+        let mut r = rng.next_f64() * weights.iter().sum::<f64>();
+        let mut rank = weights.len().saturating_sub(1);
+        for (k, w) in weights.iter().enumerate() {
+            if r < *w {
+                rank = k;
+                break;
+            }
+            r -= w;
+        }
+        let mut chosen: Vec<(usize, u32)> = vec![(0, 0); n + 1];
+        let mut end = n;
+        while end > 0 {
+            let (_, start, id, previous) = best[end][rank];
+            chosen[end] = (start, id);
+            rank = previous;
+            end = start;
+        }
+        self.backtrack(text, |e| chosen[e], out);
+    }
+
 }
 
 /// log(exp(a) + exp(b)) without overflow.
@@ -264,6 +326,36 @@ mod tests {
         model.encode_piece("abcxyab", &mut out);
         // ab (-3) + c (-3) = -6 beats abc (-10) and a + b + c (-7); xy is one fused unknown.
         assert_eq!(out, [3, 5, 0, 3]);
+    }
+
+    #[test]
+    fn nbest_sampling_draws_the_best_segmentations_by_their_scores() {
+        let model = toy();
+        let segment = |rng: &mut SplitMix64, nbest: usize| {
+            let mut out = Vec::new();
+            model.sample_nbest_piece("abc", nbest, 0.5, rng, &mut out);
+            out
+        };
+        let mut rng = SplitMix64::new(3);
+        let mut viterbi = Vec::new();
+        model.encode_piece("abc", &mut viterbi);
+        assert_eq!(segment(&mut rng, 1), viterbi);
+        // The two best: ab + c (-6) and a + b + c (-7); abc (-10) is third.
+        // p(ab c) = 1 / (1 + e^(0.5 * (-7 + 6))) = 0.6225.
+        let draws = 20_000;
+        let mut first = 0;
+        for _ in 0..draws {
+            match segment(&mut rng, 2).as_slice() {
+                [3, 5] => first += 1,
+                [1, 2, 5] => {}
+                other => panic!("not one of the two best: {other:?}"),
+            }
+        }
+        let expected = 1.0 / (1.0 + (-0.5_f64).exp());
+        let share = first as f64 / draws as f64;
+        // Five standard deviations of a binomial share.
+        let sd = (expected * (1.0 - expected) / draws as f64).sqrt();
+        assert!((share - expected).abs() < 5.0 * sd, "{share} vs {expected}");
     }
 
     #[test]
