@@ -79,8 +79,9 @@ pub enum Command {
     /// Train a LLaMA-style (or Vaswani-style) transformer from a TOML config; the
     /// output folder is a Hugging Face Llama model directory. Resumes with --resume.
     Train(crate::cmd::train::TrainArgs),
-    /// Decode from a model directory or an n-gram model: greedy, beam, sampling
-    /// (temperature, top-k, top-p, epsilon, ...), contrastive, MBR, speculative.
+    /// Decode from a model directory or an n-gram model: greedy, sampling (temperature,
+    /// top-k, top-p, epsilon, ...), beam family, contrastive, MBR, speculative,
+    /// self-consistency, discriminators (discard, FUDGE), interactive.
     Generate(crate::cmd::generate::GenerateArgs),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,

@@ -33,8 +33,14 @@ fn report_usage_error(err: clap::Error) -> ExitCode {
         }
         _ => {
             let rendered = err.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            let message = first.strip_prefix("error: ").unwrap_or(first);
+            let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("invalid arguments");
+            let mut message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+            // "the following required arguments were not provided:" lists them below.
+            if message.ends_with(':') {
+                let listed: Vec<&str> = lines.take_while(|l| l.starts_with('-') || l.starts_with('<')).collect();
+                message = format!("{} {}", message, listed.join(", "));
+            }
             eprintln!("nlp: {message} (see `nlp --help`)");
             ExitCode::from(2)
         }

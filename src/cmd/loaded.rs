@@ -169,6 +169,18 @@ impl Loaded {
         }
     }
 
+    /// Positions the model can attend over (a beginning-of-sequence token included);
+    /// `None` for an n-gram model, which has no limit.
+    pub fn context_len(&self) -> Option<usize> {
+        match self {
+            Loaded::Transformer { model, .. } => {
+                let config = model.config();
+                Some(config.max_position_embeddings.saturating_sub(usize::from(config.bos_token_id.is_some())))
+            }
+            Loaded::Ngram { .. } => None,
+        }
+    }
+
     pub fn eos(&self) -> Option<u32> {
         match self {
             Loaded::Transformer { model, .. } => model.config().eos_token_id,

@@ -5,6 +5,7 @@ mod bpe;
 mod data;
 pub mod generate;
 mod info;
+mod interactive;
 mod loaded;
 mod ngram;
 pub mod train;

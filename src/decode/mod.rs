@@ -17,7 +17,11 @@
 //! - [`mbr`]: minimum Bayes risk selection among samples (Eikema and Aziz 2020);
 //! - [`speculative`]: a draft model proposes, the target verifies (Leviathan et al. 2023,
 //!   Chen et al. 2023), exactly the target's distribution or greedy output;
-//! - [`constrained`]: banned tokens and phrases, allowed tokens, forced phrases.
+//! - [`constrained`]: banned tokens and phrases, allowed tokens, forced phrases;
+//! - [`discriminator`]: sample-and-discard and FUDGE (Yang and Klein 2021) with a
+//!   language model of the wanted attribute as the discriminator;
+//! - [`self_consistency`]: majority vote over answers extracted from samples
+//!   (Wang et al. 2023).
 //!
 //! Every random source is a [`rng::Rng`] seeded from the caller's seed; sample `i` has
 //! its own stream, so it does not depend on the batch it was drawn in. Decoding sees
@@ -28,12 +32,14 @@
 pub mod beam;
 pub mod constrained;
 pub mod contrastive;
+pub mod discriminator;
 pub mod diverse_beam;
 pub mod mbr;
 pub mod processors;
 pub mod rng;
 pub mod sample;
 pub mod sampler;
+pub mod self_consistency;
 pub mod speculative;
 pub mod stochastic_beam;
 pub mod stop;
@@ -45,10 +51,12 @@ pub use beam::{beam_search, BeamSettings, EarlyStopping};
 pub use constrained::{AllowedTokens, BannedPhrases, BannedTokens, ForcedPhrases, NoRepeatNgram};
 pub use contrastive::{contrastive, ContrastiveSettings};
 pub use diverse_beam::{diverse_beam_search, DiverseBeamSettings};
-pub use mbr::{chrf, mbr, ngram_f_score, MbrResult};
-pub use processors::{LogitsProcessor, ProcessorChain, SamplingParams, StepContext};
+pub use mbr::{chrf, mbr, ngram_f_score, rouge1, sentence_bleu, MbrResult, Utility};
+pub use processors::{LogitBias, LogitsProcessor, ProcessorChain, SamplingParams, Stage, StepContext};
 pub use rng::Rng;
-pub use sample::generate;
+pub use discriminator::{attribute_probability, fudge, sample_and_discard, DiscardResult, Judged};
+pub use sample::{generate, generate_streaming};
+pub use self_consistency::{extract_answer, majority_vote, Vote};
 pub use sampler::Choice;
 pub use speculative::{speculative, SpeculativeResult, SpeculativeStats};
 pub use stochastic_beam::stochastic_beam_search;

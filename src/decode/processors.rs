@@ -81,6 +81,12 @@ impl ProcessorChain {
         self
     }
 
+    /// Appends a boxed processor.
+    pub fn push_boxed(&mut self, processor: Box<dyn LogitsProcessor>) -> &mut Self {
+        self.processors.push(processor);
+        self
+    }
+
     /// Appends a processor (builder style).
     pub fn with(mut self, processor: impl LogitsProcessor + 'static) -> Self {
         self.push(processor);
@@ -107,30 +113,8 @@ impl ProcessorChain {
     /// The standard sampling chain, in `transformers`' order: repetition penalty, then
     /// temperature, top-k, top-p, min-p, typical, epsilon. Unset knobs add nothing.
     pub fn sampling(params: &SamplingParams) -> Result<Self> {
-        params.validate()?;
-        let mut chain = ProcessorChain::new();
-        if let Some(penalty) = params.repetition_penalty.filter(|&r| r != 1.0) {
-            chain.push(RepetitionPenalty(penalty));
-        }
-        if let Some(t) = params.temperature.filter(|&t| t != 1.0) {
-            chain.push(Temperature(t));
-        }
-        if let Some(k) = params.top_k {
-            chain.push(TopK(k));
-        }
-        if let Some(p) = params.top_p.filter(|&p| p < 1.0) {
-            chain.push(TopP(p));
-        }
-        if let Some(m) = params.min_p.filter(|&m| m > 0.0) {
-            chain.push(MinP(m));
-        }
-        if let Some(p) = params.typical.filter(|&p| p < 1.0) {
-            chain.push(Typical(p));
-        }
-        if let Some(e) = params.epsilon.filter(|&e| e > 0.0) {
-            chain.push(Epsilon(e));
-        }
-        Ok(chain)
+        let order: Vec<Stage> = Stage::DEFAULT_ORDER.iter().map(|(stage, _)| *stage).collect();
+        ProcessorChain::sampling_in_order(params, &order)
     }
 }
 
@@ -154,6 +138,27 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
+    /// The processor of one sampling stage, if its knob is set to something that
+    /// changes the scores (`None` for the stages that are not sampling knobs).
+    pub fn processor(&self, stage: Stage) -> Option<Box<dyn LogitsProcessor>> {
+        fn boxed(p: impl LogitsProcessor + 'static) -> Box<dyn LogitsProcessor> {
+            Box::new(p)
+        }
+        match stage {
+            Stage::RepetitionPenalty => self
+                .repetition_penalty
+                .filter(|&r| r != 1.0)
+                .map(|r| boxed(RepetitionPenalty(r))),
+            Stage::Temperature => self.temperature.filter(|&t| t != 1.0).map(|t| boxed(Temperature(t))),
+            Stage::TopK => self.top_k.map(|k| boxed(TopK(k))),
+            Stage::TopP => self.top_p.filter(|&p| p < 1.0).map(|p| boxed(TopP(p))),
+            Stage::MinP => self.min_p.filter(|&m| m > 0.0).map(|m| boxed(MinP(m))),
+            Stage::Typical => self.typical.filter(|&p| p < 1.0).map(|p| boxed(Typical(p))),
+            Stage::Epsilon => self.epsilon.filter(|&e| e > 0.0).map(|e| boxed(Epsilon(e))),
+            Stage::Ban | Stage::LogitBias | Stage::NoRepeatNgram => None,
+        }
+    }
+
     /// Checks every knob's range, naming the bad one.
     pub fn validate(&self) -> Result<()> {
         let bad = |name: &str, value: f32, range: &str| {
@@ -393,5 +398,116 @@ impl LogitsProcessor for LogitBias {
                 *l += bias;
             }
         }
+    }
+}
+
+/// One named stage of the processor chain, for `--processor-order` (as llama.cpp's
+/// `--samplers` names its sampler chain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Banned words and phrases.
+    Ban,
+    /// Constant biases on chosen tokens.
+    LogitBias,
+    /// No n-gram twice.
+    NoRepeatNgram,
+    /// The repetition penalty.
+    RepetitionPenalty,
+    /// Temperature.
+    Temperature,
+    /// Top-k.
+    TopK,
+    /// Nucleus (top-p).
+    TopP,
+    /// Min-p.
+    MinP,
+    /// Locally typical sampling.
+    Typical,
+    /// Epsilon sampling.
+    Epsilon,
+}
+
+impl Stage {
+    /// Every stage with its name, in the default order: constraints first (as
+    /// `transformers` puts bans before warpers), then the penalties, then temperature
+    /// and the truncations in `transformers`' order.
+    pub const DEFAULT_ORDER: [(Stage, &'static str); 10] = [
+        (Stage::Ban, "ban"),
+        (Stage::LogitBias, "logit-bias"),
+        (Stage::NoRepeatNgram, "no-repeat-ngram"),
+        (Stage::RepetitionPenalty, "repetition-penalty"),
+        (Stage::Temperature, "temperature"),
+        (Stage::TopK, "top-k"),
+        (Stage::TopP, "top-p"),
+        (Stage::MinP, "min-p"),
+        (Stage::Typical, "typical"),
+        (Stage::Epsilon, "epsilon"),
+    ];
+
+    /// The stage's name on the command line.
+    pub fn name(self) -> &'static str {
+        Stage::DEFAULT_ORDER
+            .iter()
+            .find(|(stage, _)| *stage == self)
+            .map(|(_, name)| *name)
+            .expect("every stage is in the default order")
+    }
+
+    /// Parses a comma-separated order such as `temperature,top-k,top-p`; each stage at
+    /// most once.
+    pub fn parse_order(text: &str) -> Result<Vec<Stage>> {
+        let mut order = Vec::new();
+        for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let stage = Stage::DEFAULT_ORDER
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(stage, _)| *stage)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = Stage::DEFAULT_ORDER.iter().map(|(_, n)| *n).collect();
+                    Error::Invalid(format!(
+                        "unknown processor `{name}` in the order; the processors are {}",
+                        names.join(",")
+                    ))
+                })?;
+            if order.contains(&stage) {
+                return Err(Error::Invalid(format!("the processor `{name}` appears twice in the order")));
+            }
+            order.push(stage);
+        }
+        Ok(order)
+    }
+}
+
+impl ProcessorChain {
+    /// The sampling knobs of `params` in the given order of stages (stages that are not
+    /// sampling knobs are skipped: the caller builds those). A set knob whose stage is
+    /// missing from `order` is an error, so no flag is silently ignored.
+    pub fn sampling_in_order(params: &SamplingParams, order: &[Stage]) -> Result<Self> {
+        params.validate()?;
+        let set = [
+            (Stage::RepetitionPenalty, params.repetition_penalty.is_some()),
+            (Stage::Temperature, params.temperature.is_some()),
+            (Stage::TopK, params.top_k.is_some()),
+            (Stage::TopP, params.top_p.is_some()),
+            (Stage::MinP, params.min_p.is_some()),
+            (Stage::Typical, params.typical.is_some()),
+            (Stage::Epsilon, params.epsilon.is_some()),
+        ];
+        for (stage, is_set) in set {
+            if is_set && !order.contains(&stage) {
+                return Err(Error::Invalid(format!(
+                    "--{} is set but `{}` is not in the processor order",
+                    stage.name(),
+                    stage.name()
+                )));
+            }
+        }
+        let mut chain = ProcessorChain::new();
+        for &stage in order {
+            if let Some(processor) = params.processor(stage) {
+                chain.processors.push(processor);
+            }
+        }
+        Ok(chain)
     }
 }

@@ -28,6 +28,22 @@ pub fn generate<M: LanguageModel>(
     settings: &DecodeSettings,
     num_samples: usize,
 ) -> Result<Vec<Generation>> {
+    generate_streaming(model, prompt, settings, 0..num_samples, &mut |_, _| {})
+}
+
+/// Generates the samples numbered `samples` (sample `i` draws from its own stream
+/// `Rng::for_sample(seed, i)`, so a later batch continues where an earlier one ended)
+/// and calls `on_token(i, generated)` after every token of sample `i`, for printing
+/// text as it is produced. Returns the samples in order.
+pub fn generate_streaming<M: LanguageModel>(
+    model: &M,
+    prompt: &[u32],
+    settings: &DecodeSettings,
+    samples: std::ops::Range<usize>,
+    on_token: &mut dyn FnMut(usize, &[u32]),
+) -> Result<Vec<Generation>> {
+    let first = samples.start;
+    let num_samples = samples.len();
     let start = model.prefill(prompt)?;
     let mut done: Vec<Option<Generation>> = vec![None; num_samples];
     let mut running: Vec<Running<M::State>> = (0..num_samples)
@@ -37,7 +53,7 @@ pub fn generate<M: LanguageModel>(
             tokens: prompt.to_vec(),
             logprobs: Vec::new(),
             score: 0.0,
-            rng: Rng::for_sample(settings.seed, index as u64),
+            rng: Rng::for_sample(settings.seed, (first + index) as u64),
         })
         .collect();
     if settings.stop.max_new_tokens == 0 {
@@ -63,6 +79,7 @@ pub fn generate<M: LanguageModel>(
             seq.score += processed_logprob(&logits, token);
             seq.logprobs.push(row[token as usize]);
             seq.tokens.push(token);
+            on_token(first + seq.index, &seq.tokens[prompt.len()..]);
             match settings.stop.check(&seq.tokens[prompt.len()..]) {
                 Some(finish) => {
                     done[seq.index] = Some(Generation {

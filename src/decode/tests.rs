@@ -109,6 +109,29 @@ impl LanguageModel for Uniform {
     }
 }
 
+/// A model that puts 0.9 on one token and spreads the rest evenly.
+struct Peaked {
+    vocab: usize,
+    token: u32,
+}
+
+impl LanguageModel for Peaked {
+    type State = ();
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn initial_state(&self) {}
+    fn advance(&self, _: &mut (), _: u32) -> crate::Result<()> {
+        Ok(())
+    }
+    fn next_logprobs(&self, states: &[()]) -> crate::Result<Vec<Vec<f32>>> {
+        let rest = (0.1 / (self.vocab - 1) as f32).ln();
+        let mut row = vec![rest; self.vocab];
+        row[self.token as usize] = 0.9f32.ln();
+        Ok(states.iter().map(|_| row.clone()).collect())
+    }
+}
+
 fn shakespeare_lines(n: usize) -> String {
     let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/tinyshakespeare.txt"));
     let text = std::fs::read_to_string(path).unwrap();
@@ -640,11 +663,11 @@ fn mbr_picks_the_consensus() {
     let model = shakespeare_ngram();
     let prompt = words(&model, "MENENIUS:");
     let settings = DecodeSettings::sampling(12, 4);
-    let result = mbr(&model, &prompt, 8, &settings, &|a, b| ngram_f_score(a, b, 4, 1.0)).unwrap();
+    let result = mbr(&model, &prompt, 8, None, &settings, &|a, b| ngram_f_score(a, b, 4, 1.0)).unwrap();
     assert_eq!(result.candidates.len(), 8);
     let best = result.expected_utility[result.best];
     assert!(result.expected_utility.iter().all(|&u| u <= best));
-    let again = mbr(&model, &prompt, 8, &settings, &|a, b| ngram_f_score(a, b, 4, 1.0)).unwrap();
+    let again = mbr(&model, &prompt, 8, None, &settings, &|a, b| ngram_f_score(a, b, 4, 1.0)).unwrap();
     assert_eq!(again.chosen(), result.chosen());
 }
 
@@ -684,4 +707,274 @@ fn allowed_tokens_and_bad_settings() {
     pairs.sort();
     pairs.dedup();
     assert_eq!(pairs.len(), n, "no bigram twice");
+}
+
+// --- hand-worked distributions ----------------------------------------------------
+
+/// The row every hand-worked case starts from: p = (0.5, 0.2, 0.15, 0.1, 0.05).
+fn hand_row() -> Vec<f32> {
+    [0.5f32, 0.2, 0.15, 0.1, 0.05].iter().map(|p| p.ln()).collect()
+}
+
+fn processed(processor: &dyn LogitsProcessor, tokens: &[u32]) -> Vec<f64> {
+    let mut logits = hand_row();
+    let ctx = StepContext {
+        tokens,
+        prompt_len: 0,
+        max_new_tokens: 10,
+    };
+    processor.process(&ctx, &mut logits);
+    processors::softmax(&logits)
+}
+
+fn assert_probs(name: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{name}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{name}: got {got:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn each_processor_gives_the_hand_worked_distribution() {
+    // Temperature 2: p^(1/2) renormalised (sqrt 0.5, sqrt 0.2, ... over their sum 2.0813).
+    assert_probs(
+        "temperature 2",
+        &processed(&processors::Temperature(2.0), &[]),
+        &[0.339_717_8, 0.214_856_4, 0.186_071_1, 0.151_926_4, 0.107_428_2],
+    );
+    // Top-2: 0.5 and 0.2 over 0.7.
+    assert_probs("top-k 2", &processed(&processors::TopK(2), &[]), &[5.0 / 7.0, 2.0 / 7.0, 0.0, 0.0, 0.0]);
+    // Top-p 0.8: 0.5 (0.5 < 0.8), 0.2 (0.7 < 0.8), 0.15 crosses 0.8 and is kept: /0.85.
+    let nucleus = [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0.0, 0.0];
+    assert_probs("top-p 0.8", &processed(&processors::TopP(0.8), &[]), &nucleus);
+    // Top-p 0.7 stops exactly at 0.7: two tokens.
+    assert_probs("top-p 0.7", &processed(&processors::TopP(0.7), &[]), &[5.0 / 7.0, 2.0 / 7.0, 0.0, 0.0, 0.0]);
+    // Min-p 0.3: threshold 0.3 × 0.5 = 0.15 keeps 0.5, 0.2, 0.15.
+    assert_probs("min-p 0.3", &processed(&processors::MinP(0.3), &[]), &nucleus);
+    // Epsilon 0.12 drops 0.1 and 0.05.
+    assert_probs("epsilon 0.12", &processed(&processors::Epsilon(0.12), &[]), &nucleus);
+    // Typical 0.8: entropy H = 1.33307 nats; |−ln p − H| = 0.640, 0.276, 0.564, 0.970,
+    // 1.663, so tokens enter in the order 1, 2, 0 (mass 0.2, 0.35, 0.85 ≥ 0.8): {0, 1, 2}.
+    assert_probs("typical 0.8", &processed(&processors::Typical(0.8), &[]), &nucleus);
+    // Repetition penalty 2 on the seen token 1: ln 0.2 × 2 = ln 0.04; the rest renormalise
+    // over 0.84.
+    assert_probs(
+        "repetition penalty 2",
+        &processed(&processors::RepetitionPenalty(2.0), &[1, 1]),
+        &[0.5 / 0.84, 0.04 / 0.84, 0.15 / 0.84, 0.1 / 0.84, 0.05 / 0.84],
+    );
+    // Logit bias ln 4 on token 4: 0.05 × 4 = 0.2, over 1.15.
+    assert_probs(
+        "logit bias",
+        &processed(&LogitBias(vec![(4, 4f32.ln())]), &[]),
+        &[0.5 / 1.15, 0.2 / 1.15, 0.15 / 1.15, 0.1 / 1.15, 0.2 / 1.15],
+    );
+    // No repeated bigram: after "3 0 ... 3", token 0 would repeat the bigram (3, 0).
+    assert_probs(
+        "no-repeat-ngram 2",
+        &processed(&NoRepeatNgram(2), &[3, 0, 2, 3]),
+        &[0.0, 0.2 / 0.5, 0.15 / 0.5, 0.1 / 0.5, 0.05 / 0.5],
+    );
+    // A banned phrase (2, 1): after 2, token 1 is removed.
+    assert_probs(
+        "banned phrase",
+        &processed(&BannedPhrases(vec![vec![2, 1]]), &[0, 2]),
+        &[0.5 / 0.8, 0.0, 0.15 / 0.8, 0.1 / 0.8, 0.05 / 0.8],
+    );
+}
+
+#[test]
+fn the_processor_order_is_configurable_and_matters() {
+    let default: Vec<Stage> = Stage::DEFAULT_ORDER.iter().map(|(s, _)| *s).collect();
+    assert_eq!(Stage::parse_order(&Stage::DEFAULT_ORDER.map(|(_, n)| n).join(",")).unwrap(), default);
+    assert!(Stage::parse_order("top-k,bogus").unwrap_err().to_string().contains("bogus"));
+    assert!(Stage::parse_order("top-k,top-k").is_err());
+    let params = SamplingParams {
+        temperature: Some(0.25),
+        top_p: Some(0.6),
+        ..SamplingParams::default()
+    };
+    // A set knob missing from the order is an error, not silently dropped.
+    assert!(ProcessorChain::sampling_in_order(&params, &[Stage::Temperature]).is_err());
+    let ctx = StepContext {
+        tokens: &[],
+        prompt_len: 0,
+        max_new_tokens: 1,
+    };
+    let kept = |order: &[Stage]| {
+        let chain = ProcessorChain::sampling_in_order(&params, order).unwrap();
+        let mut logits = hand_row();
+        chain.apply(&ctx, &mut logits);
+        logits.iter().filter(|l| l.is_finite()).count()
+    };
+    // Top-p 0.6 first keeps 0.5 and 0.2 (the mass before 0.2 is 0.5 < 0.6).
+    assert_eq!(kept(&[Stage::TopP, Stage::Temperature]), 2);
+    // Temperature 0.25 first makes p ∝ p⁴: 0.0625 / 0.0665 = 0.94 ≥ 0.6 alone.
+    assert_eq!(kept(&[Stage::Temperature, Stage::TopP]), 1);
+}
+
+/// Pearson's chi-square statistic of `counts` against `probs` (cells with p > 0).
+fn chi_square(counts: &[usize], probs: &[f64]) -> (f64, usize) {
+    let n: usize = counts.iter().sum();
+    let mut stat = 0.0;
+    let mut cells = 0;
+    for (&c, &p) in counts.iter().zip(probs) {
+        if p > 0.0 {
+            let expected = p * n as f64;
+            stat += (c as f64 - expected).powi(2) / expected;
+            cells += 1;
+        } else {
+            assert_eq!(c, 0, "a token of probability 0 was drawn");
+        }
+    }
+    (stat, cells - 1)
+}
+
+#[test]
+fn sampling_frequencies_match_the_processed_distribution() {
+    // Temperature 2, then top-k 4: p ∝ sqrt(p) over the 4 best (worked as above).
+    let chain = ProcessorChain::sampling(&SamplingParams {
+        temperature: Some(2.0),
+        top_k: Some(4),
+        ..SamplingParams::default()
+    })
+    .unwrap();
+    let ctx = StepContext {
+        tokens: &[],
+        prompt_len: 0,
+        max_new_tokens: 1,
+    };
+    let mut logits = hand_row();
+    chain.apply(&ctx, &mut logits);
+    let sqrt: Vec<f64> = [0.5f64, 0.2, 0.15, 0.1].iter().map(|p| p.sqrt()).collect();
+    let total: f64 = sqrt.iter().sum();
+    let mut probs: Vec<f64> = sqrt.iter().map(|s| s / total).collect();
+    probs.push(0.0);
+    let mut counts = vec![0usize; 5];
+    let mut rng = Rng::new(2024);
+    for _ in 0..20_000 {
+        counts[sampler::sample(&logits, &mut rng).unwrap() as usize] += 1;
+    }
+    let (stat, dof) = chi_square(&counts, &probs);
+    // The 0.1% critical value of chi-square with 3 degrees of freedom is 16.27.
+    assert_eq!(dof, 3);
+    assert!(stat < 16.27, "chi-square {stat} with counts {counts:?}");
+
+    // The same law through `generate` on a model: the first token of many samples
+    // follows the processed next-token distribution (top-p 0.9 after temperature 0.8).
+    let model = train(TINY, 2, Smoothing::ModifiedKneserNey);
+    let prompt = words(&model, "a");
+    let mut settings = DecodeSettings::sampling(1, 99);
+    settings.processors = ProcessorChain::sampling(&SamplingParams {
+        temperature: Some(0.8),
+        top_p: Some(0.9),
+        ..SamplingParams::default()
+    })
+    .unwrap();
+    let row = model.next_logprobs(&[model.prefill(&prompt).unwrap()]).unwrap().remove(0);
+    let probs = processors::softmax(&settings.process(&prompt, prompt.len(), &row));
+    let mut counts = vec![0usize; model.vocab_size()];
+    for g in generate(&model, &prompt, &settings, 8000).unwrap() {
+        counts[g.tokens[0] as usize] += 1;
+    }
+    let (stat, dof) = chi_square(&counts, &probs);
+    // 0.1% critical values of chi-square: 1 → 10.83, ..., 6 → 22.46.
+    let critical = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46][dof - 1];
+    assert!(stat < critical, "chi-square {stat} (dof {dof}) with counts {counts:?}");
+}
+
+#[test]
+fn mbr_utilities_by_hand() {
+    // ROUGE-1: 2 matching words of 3 and 4: P = 2/3, R = 1/2, F1 = 4/7.
+    assert!((rouge1("the cat sat", "the cat is here") - 4.0 / 7.0).abs() < 1e-12);
+    assert_eq!(rouge1("", ""), 1.0);
+    assert!((sentence_bleu("a b c d", "a b c d") - 1.0).abs() < 1e-12);
+    // "a b c e" vs "a b c d": unigrams 3/4; smoothed bigrams (2+1)/(3+1), trigrams
+    // (1+1)/(2+1), 4-grams (0+1)/(1+1); equal lengths, no brevity penalty.
+    let want = (0.75f64 * 0.75 * (2.0 / 3.0) * 0.5).powf(0.25);
+    assert!((sentence_bleu("a b c e", "a b c d") - want).abs() < 1e-12);
+    // Brevity: "a b" against "a b c d": exp(1 − 4/2) times the precisions
+    // 1, (1+1)/(1+1), (0+1)/(0+1), (0+1)/(0+1).
+    assert!((sentence_bleu("a b", "a b c d") - (-1.0f64).exp()).abs() < 1e-12);
+    assert_eq!(sentence_bleu("x", "a b"), 0.0);
+    assert_eq!(Utility::parse("bleu").unwrap(), Utility::Bleu);
+    assert!(Utility::parse("meteor").is_err());
+
+    // Hypotheses restricted to the most probable samples: the best is among them.
+    let model = shakespeare_ngram();
+    let prompt = words(&model, "MENENIUS:");
+    let settings = DecodeSettings::sampling(10, 8);
+    let utility = |a: &[u32], b: &[u32]| ngram_f_score(a, b, 2, 1.0);
+    let result = mbr(&model, &prompt, 8, Some(3), &settings, &utility).unwrap();
+    assert_eq!(result.hypotheses.len(), 3);
+    assert!(result.hypotheses.contains(&result.best));
+    let worst_kept = result.hypotheses.iter().map(|&i| result.candidates[i].logprob()).fold(f32::INFINITY, f32::min);
+    for i in (0..8).filter(|i| !result.hypotheses.contains(i)) {
+        assert!(result.candidates[i].logprob() <= worst_kept);
+    }
+}
+
+#[test]
+fn self_consistency_votes() {
+    let pattern = regex::Regex::new(r"answer is (\d+)").unwrap();
+    assert_eq!(extract_answer(&pattern, "the answer is 4, no, the answer is 5."), Some("5".into()));
+    assert_eq!(extract_answer(&pattern, "no idea"), None);
+    let whole = regex::Regex::new(r"\d+").unwrap();
+    assert_eq!(extract_answer(&whole, "1 then 22"), Some("22".into()));
+    let answers = [Some("7"), None, Some("5"), Some("7"), Some("5"), Some("9")]
+        .map(|a| a.map(String::from));
+    let tally = majority_vote(&answers);
+    // 7 and 5 tie with two votes each; 7 appeared first.
+    assert_eq!(
+        tally,
+        vec![
+            Vote { answer: "7".into(), votes: 2, first: 0 },
+            Vote { answer: "5".into(), votes: 2, first: 2 },
+            Vote { answer: "9".into(), votes: 1, first: 5 },
+        ]
+    );
+}
+
+#[test]
+fn discriminators_by_bayes_rule() {
+    // Equal per-token likelihoods: 1/2; a discriminator twice as likely per token:
+    // sigmoid(ln 2) = 2/3, whatever the length.
+    assert!((attribute_probability(&[-1.0, -2.0], &[-1.0, -2.0]) - 0.5).abs() < 1e-12);
+    let ln2 = 2f32.ln();
+    let p = attribute_probability(&[-1.0 + ln2, -3.0 + ln2, -0.5 + ln2], &[-1.0, -3.0, -0.5]);
+    assert!((p - 2.0 / 3.0).abs() < 1e-6, "{p}");
+    assert_eq!(attribute_probability(&[], &[]), 0.5);
+
+    // FUDGE with the generator as its own discriminator reweights by a constant 1/2:
+    // over the whole vocabulary it is plain sampling, draw for draw.
+    let model = shakespeare_ngram();
+    let prompt = words(&model, "the");
+    let settings = DecodeSettings::sampling(12, 3);
+    let plain = generate(&model, &prompt, &settings, 4).unwrap();
+    let fudged = fudge(&model, &model, &prompt, &settings, model.vocab_size(), 4).unwrap();
+    for (p, f) in plain.iter().zip(&fudged) {
+        assert_eq!(p.tokens, f.generation.tokens);
+        assert!((f.attribute_probability - 0.5).abs() < 1e-9);
+    }
+    // FUDGE restricted to the top 1 candidate is greedy decoding.
+    let greedy = generate(&model, &prompt, &DecodeSettings::greedy(12), 1).unwrap();
+    let top1 = fudge(&model, &model, &prompt, &settings, 1, 1).unwrap();
+    assert_eq!(top1[0].generation.tokens, greedy[0].tokens);
+
+    // A discriminator that prefers token 3 steers FUDGE there from a uniform generator
+    // (whose greedy choice would be token 0, the lowest id among ties).
+    let uniform = Uniform(6);
+    let peaked = Peaked { vocab: 6, token: 3 };
+    let steered = fudge(&uniform, &peaked, &[], &DecodeSettings::greedy(4), 6, 1).unwrap();
+    assert_eq!(steered[0].generation.tokens, vec![3, 3, 3, 3]);
+    // sigmoid(ln 0.9 − ln(1/6)) = 5.4 / 6.4.
+    assert!((steered[0].attribute_probability - 5.4 / 6.4).abs() < 1e-6);
+    // Sample-and-discard keeps exactly the samples at or above the threshold.
+    let kept = sample_and_discard(&model, &model, &prompt, &settings, 3, 0.49, 10).unwrap();
+    assert_eq!(kept.kept.len(), 3);
+    assert_eq!(kept.drawn, 3);
+    let err = sample_and_discard(&model, &model, &prompt, &settings, 2, 0.51, 6).unwrap_err();
+    assert!(err.to_string().contains("only 0 of 6 samples"), "{err}");
+    let other = Uniform(model.vocab_size() + 1);
+    assert!(fudge(&model, &other, &prompt, &settings, 5, 1).is_err());
 }
