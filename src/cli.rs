@@ -82,6 +82,11 @@ pub enum Command {
     /// Decode from a model directory or an n-gram model: greedy, beam, sampling
     /// (temperature, top-k, top-p, epsilon, ...), contrastive, MBR, speculative.
     Generate(crate::cmd::generate::GenerateArgs),
+    /// Evaluate a model directory or an n-gram model: perplexity and bits per byte
+    /// (sliding windows for long texts), calibration (ECE, MCE, reliability diagram,
+    /// multiple-choice answers), efficiency (memory, latency, throughput), or several
+    /// models side by side.
+    Eval(crate::cmd::eval::EvalArgs),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,
 }
