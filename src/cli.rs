@@ -83,6 +83,11 @@ pub enum Command {
     /// top-k, top-p, epsilon, ...), beam family, contrastive, MBR, speculative,
     /// self-consistency, discriminators (discard, FUDGE), interactive.
     Generate(crate::cmd::generate::GenerateArgs),
+    /// Evaluate a model directory or an n-gram model: perplexity and bits per byte
+    /// (sliding windows for long texts), calibration (ECE, MCE, reliability diagram,
+    /// multiple-choice answers), efficiency (memory, latency, throughput), or several
+    /// models side by side.
+    Eval(crate::cmd::eval::EvalArgs),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod decode;
 pub mod device;
+pub mod eval;
 pub mod error;
 pub mod fsutil;
 pub mod lm;

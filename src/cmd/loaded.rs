@@ -6,10 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use candle_core::DType;
+use candle_core::{DType, Tensor, D};
 
 use super::Context;
 use crate::decode::Detokenizer;
+use crate::eval::{Prediction, WindowScorer};
 use crate::lm::LanguageModel;
 use crate::model::Transformer;
 use crate::ngram::{self, NgramModel};
@@ -264,6 +265,106 @@ impl Loaded {
             bail!("{flag} `{phrase}`: the phrase encodes to no tokens");
         }
         Ok(spellings)
+    }
+}
+
+/// Whole windows through the transformer, one forward pass per batch of windows.
+impl WindowScorer for Transformer {
+    fn score_windows(&self, windows: &[(&[u32], usize)]) -> crate::Result<Vec<Vec<Prediction>>> {
+        let Some(&(first, from)) = windows.first() else {
+            return Ok(Vec::new());
+        };
+        let (b, t) = (windows.len(), first.len());
+        if from == 0 || from >= t || windows.iter().any(|(ids, f)| ids.len() != t || *f != from) {
+            return Err(crate::Error::Invalid(
+                "a batch of windows must share one length and one first scored position (>= 1)".into(),
+            ));
+        }
+        let vocab = self.config().vocab_size;
+        let flat: Vec<u32> = windows.iter().flat_map(|(ids, _)| ids.iter().copied()).collect();
+        if let Some(&bad) = flat.iter().find(|&&id| id as usize >= vocab) {
+            return Err(crate::Error::Invalid(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        let n = t - from;
+        let ids = Tensor::from_vec(flat, (b, t), self.device())?; // (b, t)
+        // Only the rows that predict a scored token: the context part of a window
+        // conditions but is not normalised.
+        let logits = self
+            .forward(&ids)?
+            .narrow(1, from - 1, n)?
+            .to_dtype(DType::F32)?
+            .contiguous()?; // (b, n, vocab)
+        let max = logits.max_keepdim(D::Minus1)?; // (b, n, 1)
+        let log_norm = logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            .broadcast_add(&max)?; // (b, n, 1)
+        let targets = ids.narrow(1, from, n)?.contiguous()?; // (b, n)
+        let target_logits = logits.gather(&targets.unsqueeze(2)?, 2)?; // (b, n, 1)
+        let logprobs = (target_logits - &log_norm)?.squeeze(2)?.to_vec2::<f32>()?;
+        let top_logprobs = (max - log_norm)?.squeeze(2)?.to_vec2::<f32>()?;
+        let top_ids = logits.argmax(D::Minus1)?.to_vec2::<u32>()?; // (b, n)
+        Ok(windows
+            .iter()
+            .enumerate()
+            .map(|(i, (window, _))| {
+                (0..n)
+                    .map(|j| Prediction {
+                        logprob: logprobs[i][j],
+                        top_logprob: top_logprobs[i][j],
+                        top_id: top_ids[i][j],
+                        target: window[from + j],
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+impl Loaded {
+    /// log p(`continuation` | `prompt`) in nats, each encoded on its own and the ids
+    /// concatenated (an n-gram model starts the prompt at `<s>`).
+    pub fn continuation_logprob(&self, prompt: &str, continuation: &str) -> Result<f64> {
+        let what = "a multiple-choice form";
+        match self {
+            Loaded::Transformer { model, .. } => {
+                let mut ids: Vec<u32> = model.config().bos_token_id.into_iter().collect();
+                ids.extend(self.encode(prompt, "a multiple-choice prompt")?);
+                let from = ids.len();
+                ids.extend(self.encode(continuation, what)?);
+                if from == 0 {
+                    bail!(
+                        "an empty prompt gives a model without a beginning-of-sequence token nothing to condition on; give every item a prompt"
+                    );
+                }
+                if ids.len() == from {
+                    bail!("{what} {continuation:?} encodes to no tokens");
+                }
+                let rows = model.score_windows(&[(&ids, from)])?;
+                Ok(rows.iter().flatten().map(|p| f64::from(p.logprob)).sum())
+            }
+            Loaded::Ngram { model, .. } => {
+                let mut state = model.initial_state();
+                for word in prompt.split_whitespace() {
+                    model.advance(&mut state, model.word_id(word).unwrap_or(model.unk_id()))?;
+                }
+                let words: Vec<&str> = continuation.split_whitespace().collect();
+                if words.is_empty() {
+                    bail!("{what} {continuation:?} has no words");
+                }
+                let mut log10_prob = 0.0f64;
+                for word in words {
+                    let id = model.word_id(word).unwrap_or(model.unk_id());
+                    log10_prob += f64::from(model.log10_prob(&state, id));
+                    model.advance(&mut state, id)?;
+                }
+                Ok(log10_prob * std::f64::consts::LN_10)
+            }
+        }
     }
 }
 

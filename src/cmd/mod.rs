@@ -3,6 +3,7 @@
 
 mod bpe;
 mod data;
+pub mod eval;
 pub mod generate;
 mod info;
 mod interactive;
@@ -82,6 +83,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Ngram(command)) => ngram::run(&ctx, command),
         Some(Command::Train(args)) => train::run(&ctx, args),
         Some(Command::Generate(args)) => generate::run(&ctx, args),
+        Some(Command::Eval(args)) => eval::run(&ctx, args),
         Some(Command::Info) => info::run(&ctx),
         None => {
             use clap::CommandFactory;
