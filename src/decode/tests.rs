@@ -747,10 +747,10 @@ fn each_processor_gives_the_hand_worked_distribution() {
     // Top-p 0.8: 0.5 (0.5 < 0.8), 0.2 (0.7 < 0.8), 0.15 crosses 0.8 and is kept: /0.85.
     let nucleus = [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0.0, 0.0];
     assert_probs("top-p 0.8", &processed(&processors::TopP(0.8), &[]), &nucleus);
-    // Top-p 0.7 stops exactly at 0.7: two tokens.
-    assert_probs("top-p 0.7", &processed(&processors::TopP(0.7), &[]), &[5.0 / 7.0, 2.0 / 7.0, 0.0, 0.0, 0.0]);
-    // Min-p 0.3: threshold 0.3 × 0.5 = 0.15 keeps 0.5, 0.2, 0.15.
-    assert_probs("min-p 0.3", &processed(&processors::MinP(0.3), &[]), &nucleus);
+    // Top-p 0.65: 0.5 is short of it, 0.5 + 0.2 reaches it: two tokens.
+    assert_probs("top-p 0.65", &processed(&processors::TopP(0.65), &[]), &[5.0 / 7.0, 2.0 / 7.0, 0.0, 0.0, 0.0]);
+    // Min-p 0.25: threshold 0.25 × 0.5 = 0.125 keeps 0.5, 0.2, 0.15.
+    assert_probs("min-p 0.25", &processed(&processors::MinP(0.25), &[]), &nucleus);
     // Epsilon 0.12 drops 0.1 and 0.05.
     assert_probs("epsilon 0.12", &processed(&processors::Epsilon(0.12), &[]), &nucleus);
     // Typical 0.8: entropy H = 1.33307 nats; |−ln p − H| = 0.640, 0.276, 0.564, 0.970,
