@@ -21,11 +21,14 @@ dir="$OUT/eval"
 mkdir -p "$dir"
 
 build_nlp
-python_env torch --index-url https://download.pytorch.org/whl/cpu
+# The CPU build of torch; where its index cannot be reached, PyPI's build (which runs
+# on the CPU as well).
+if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" 2> /dev/null; }; then
+  python_env torch --index-url https://download.pytorch.org/whl/cpu || python_env torch
+fi
 python_env transformers tokenizers safetensors
 
 # The validation part of tinyshakespeare (its last 10%), as the fixture was validated.
-"$NLP" -q data list > /dev/null
 text="$dir/valid.txt"
 lines=$(wc -l < "$SHARED/data/tinyshakespeare.txt")
 tail -n $((lines / 10)) "$SHARED/data/tinyshakespeare.txt" > "$text"

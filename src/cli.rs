@@ -87,6 +87,12 @@ pub enum Command {
     /// (sliding windows for long texts), calibration (ECE, MCE, reliability diagram,
     /// multiple-choice answers), efficiency (memory, latency, throughput), or several
     /// models side by side.
+    ///
+    /// Examples: `nlp eval --perplexity -m runs/shakespeare tinyshakespeare[90%:]`;
+    /// `nlp eval --calibration --plot reliability.svg -m runs/shakespeare valid.txt`;
+    /// `nlp eval --calibration --choices questions.jsonl -m runs/shakespeare`;
+    /// `nlp eval --efficiency -m runs/shakespeare --prompt-tokens 256 --gen-tokens 64`;
+    /// `nlp eval valid.txt --compare 3gram.arpa 5gram.arpa runs/shakespeare`.
     Eval(crate::cmd::eval::EvalArgs),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,

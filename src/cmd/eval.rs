@@ -23,15 +23,7 @@ use crate::lm::LanguageModel;
 use crate::ngram::NgramModel;
 
 /// `nlp eval`
-///
-/// Examples:
-///   nlp eval --perplexity -m runs/shakespeare tinyshakespeare[90%:]
-///   nlp eval --calibration --plot reliability.svg -m runs/shakespeare valid.txt
-///   nlp eval --calibration --choices questions.jsonl -m runs/shakespeare
-///   nlp eval --efficiency -m runs/shakespeare --prompt-tokens 256 --gen-tokens 64
-///   nlp eval valid.txt --compare 3gram.arpa 5gram.arpa runs/shakespeare
 #[derive(Debug, clap::Args)]
-#[command(verbatim_doc_comment)]
 pub struct EvalArgs {
     /// A model directory (config.json, model.safetensors, tokenizer.json) or an n-gram
     /// model file (.arpa, .arpa.gz or .bin; words split on whitespace).

@@ -2,12 +2,13 @@
 //!
 //! It is the strided recipe of the `transformers` perplexity guide, which lm-eval's
 //! rolling log-likelihood also follows: windows of at most `context` tokens start every
-//! `stride` tokens; each window scores only the tokens that no earlier window scored, so
-//! every token after the first is scored exactly once, with up to `context - stride`
-//! tokens of overlap as extra conditioning. The first token of a sequence has nothing
-//! before it and is never scored; a model with a beginning-of-sequence token puts that
-//! token first. With `stride == context` the windows are non-overlapping chunks, each
-//! scored on its own.
+//! `stride` tokens; each window scores only the tokens that no earlier window scored.
+//! With `stride < context` every token after the first is scored exactly once, with
+//! `context - stride` tokens of overlap as extra conditioning. The first token of a
+//! window has nothing before it in the window and is never scored; a model with a
+//! beginning-of-sequence token puts that token first in the sequence. With
+//! `stride == context` the windows are non-overlapping chunks, each scored on its own,
+//! so the first token of every chunk only conditions.
 
 use super::{Prediction, WindowScorer};
 use crate::{Error, Result};
@@ -24,7 +25,8 @@ pub struct Window {
     pub scored_from: usize,
 }
 
-/// The windows that score every position `1..len` of a sequence of `len` tokens.
+/// The windows over a sequence of `len` tokens: with `stride < context` they score every
+/// position `1..len`; with `stride == context`, every position but the chunk starts.
 pub fn windows(len: usize, context: usize, stride: usize) -> Result<Vec<Window>> {
     if context < 2 {
         return Err(Error::Invalid(format!(
@@ -51,7 +53,7 @@ pub fn windows(len: usize, context: usize, stride: usize) -> Result<Vec<Window>>
     Ok(plan)
 }
 
-/// The predictions of positions `1..sequence.len()`, in order, by windows of at most
+/// The predictions of the positions [`windows`] scores, in order, by windows of at most
 /// `context` tokens every `stride` tokens, `batch` windows of one shape per call.
 pub fn rolling_predictions(
     scorer: &dyn WindowScorer,
@@ -116,8 +118,8 @@ mod tests {
     }
 
     #[test]
-    fn every_position_after_the_first_is_scored_once() {
-        for (len, context, stride) in [(10, 4, 2), (10, 4, 4), (11, 5, 3), (3, 8, 8), (9, 3, 1)] {
+    fn with_overlap_every_position_after_the_first_is_scored_once() {
+        for (len, context, stride) in [(10, 4, 2), (11, 5, 3), (3, 8, 7), (9, 3, 1)] {
             let plan = windows(len, context, stride).unwrap();
             let scored: Vec<usize> = plan.iter().flat_map(|w| w.scored_from..w.end).collect();
             assert_eq!(scored, (1..len).collect::<Vec<_>>(), "{len} {context} {stride}");
