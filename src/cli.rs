@@ -82,6 +82,10 @@ pub enum Command {
     /// Decode from a model directory or an n-gram model: greedy, beam, sampling
     /// (temperature, top-k, top-p, epsilon, ...), contrastive, MBR, speculative.
     Generate(crate::cmd::generate::GenerateArgs),
+    /// LoRA fine-tuning (Hu et al. 2021) in Hugging Face PEFT's file layout: train
+    /// adapters on a frozen model (or fine-tune every weight with --full), merge them.
+    #[command(subcommand)]
+    Lora(crate::cmd::lora::LoraCommand),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,
 }
@@ -93,6 +97,7 @@ impl Command {
         match self {
             Command::Ngram(NgramCommand::Train(args)) => args.config_overrides(),
             Command::Train(args) => args.config_overrides(),
+            Command::Lora(crate::cmd::lora::LoraCommand::Train(args)) => args.config_overrides(),
             _ => Vec::new(),
         }
     }

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod lm;
+pub mod lora;
 pub mod model;
 pub mod ngram;
 pub mod progress;

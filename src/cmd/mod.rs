@@ -6,6 +6,7 @@ mod data;
 pub mod generate;
 mod info;
 mod loaded;
+pub mod lora;
 mod ngram;
 pub mod train;
 
@@ -81,6 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Ngram(command)) => ngram::run(&ctx, command),
         Some(Command::Train(args)) => train::run(&ctx, args),
         Some(Command::Generate(args)) => generate::run(&ctx, args),
+        Some(Command::Lora(command)) => lora::run(&ctx, command),
         Some(Command::Info) => info::run(&ctx),
         None => {
             use clap::CommandFactory;
