@@ -254,6 +254,15 @@ fn training_changes_only_adapter_tensors_and_writes_peft_layout() {
     for file in ["metrics.jsonl", "checkpoint.safetensors", "train.toml", "loss.svg"] {
         assert!(dir.join(file).is_file(), "{file}");
     }
+    // The adapter we wrote loads back (generate accepts it) on the base.
+    let output = sandbox
+        .nlp()
+        .args(["generate", "-m"])
+        .arg(base_dir())
+        .args(["--adapter", "adapter:0.5", "--prompt", "ROMEO:", "--max-new-tokens", "5"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
 }
 
 #[test]

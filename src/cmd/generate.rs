@@ -30,6 +30,11 @@ pub struct GenerateArgs {
     #[arg(short, long, value_name = "MODEL")]
     pub model: PathBuf,
 
+    /// A LoRA adapter directory (PEFT layout) to apply to the model without merging,
+    /// optionally with a weight on its update (`DIR:0.5`). Repeatable.
+    #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
+    pub adapters: Vec<super::loaded::AdapterSpec>,
+
     /// The text to continue (default: empty, or the start-of-sentence of an n-gram model).
     #[arg(long, value_name = "TEXT", conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -459,7 +464,7 @@ pub fn run(ctx: &Context, args: GenerateArgs) -> Result<()> {
     let strategy = strategy(&args)?;
     let prompt_text = read_prompt(&args)?;
 
-    let model = Loaded::open(&args.model, ctx)?;
+    let model = Loaded::open_with_adapters(&args.model, ctx, &args.adapters)?;
     let second_path = args.contrastive.as_ref().or(args.draft.as_ref());
     let second = match second_path {
         Some(path) => {
