@@ -94,6 +94,10 @@ pub enum Command {
     /// `nlp eval --efficiency -m runs/shakespeare --prompt-tokens 256 --gen-tokens 64`;
     /// `nlp eval valid.txt --compare 3gram.arpa 5gram.arpa runs/shakespeare`.
     Eval(crate::cmd::eval::EvalArgs),
+    /// LoRA fine-tuning (Hu et al. 2021) in Hugging Face PEFT's file layout: train
+    /// adapters on a frozen model (or fine-tune every weight with --full), merge them.
+    #[command(subcommand)]
+    Lora(crate::cmd::lora::LoraCommand),
     /// Show this build: version, compiled backends, the resolved device, data folders.
     Info,
 }
@@ -105,6 +109,7 @@ impl Command {
         match self {
             Command::Ngram(NgramCommand::Train(args)) => args.config_overrides(),
             Command::Train(args) => args.config_overrides(),
+            Command::Lora(crate::cmd::lora::LoraCommand::Train(args)) => args.config_overrides(),
             _ => Vec::new(),
         }
     }

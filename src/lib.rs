@@ -13,6 +13,7 @@ pub mod eval;
 pub mod error;
 pub mod fsutil;
 pub mod lm;
+pub mod lora;
 pub mod model;
 pub mod ngram;
 pub mod progress;

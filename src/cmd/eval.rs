@@ -30,6 +30,11 @@ pub struct EvalArgs {
     #[arg(short, long, value_name = "MODEL", required_unless_present = "compare")]
     pub model: Option<PathBuf>,
 
+    /// A LoRA adapter directory (PEFT layout) applied to -m's model without merging,
+    /// optionally with a weight on its update (`DIR:0.5`). Repeatable.
+    #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
+    pub adapters: Vec<super::loaded::AdapterSpec>,
+
     /// The text to evaluate on: a file, a known corpus name (optionally sliced, e.g.
     /// `tinyshakespeare[90%:]`) or `-` for stdin. A transformer reads it as one
     /// sequence; an n-gram model as one sentence per line, as `nlp ngram query` does.
@@ -147,7 +152,7 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
         bail!("no text to evaluate: give a TEXT file or corpus name, or --ids FILE");
     }
     let started = Instant::now();
-    let loaded = Loaded::open(path, ctx)?;
+    let loaded = Loaded::open_with_adapters(path, ctx, &args.adapters)?;
     let load_seconds = started.elapsed().as_secs_f64();
     let rss_after_load = efficiency::memory("VmRSS");
     let input = match perplexity || token_calibration || args.efficiency {

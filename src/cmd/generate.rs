@@ -68,6 +68,11 @@ pub struct GenerateArgs {
     #[arg(value_name = "-", conflicts_with_all = ["prompt", "prompt_file", "prompt_ids"])]
     pub stdin: Option<String>,
 
+    /// A LoRA adapter directory (PEFT layout) to apply to the model without merging,
+    /// optionally with a weight on its update (`DIR:0.5`). Repeatable.
+    #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
+    pub adapters: Vec<super::loaded::AdapterSpec>,
+
     /// The text to continue (default: empty, or the start-of-sentence of an n-gram model).
     #[arg(long, value_name = "TEXT", conflicts_with_all = ["prompt_file", "prompt_ids"])]
     pub prompt: Option<String>,
@@ -856,7 +861,7 @@ pub(crate) struct Prepared {
 fn prepare(ctx: &Context, args: &GenerateArgs) -> Result<Prepared> {
     // Parse, then build: every flag is checked before a model is loaded.
     let strategy = strategy(args)?;
-    let model = Loaded::open(&args.model, ctx)?;
+    let model = Loaded::open_with_adapters(&args.model, ctx, &args.adapters)?;
     let second = match second_model(args) {
         Some((flag, path)) => {
             let second = Loaded::open(path, ctx)?;

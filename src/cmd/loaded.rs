@@ -127,8 +127,69 @@ pub enum Loaded {
     },
 }
 
+/// `DIR[:WEIGHT]`: a LoRA adapter directory and the factor on its update (default 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    /// The adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+    pub dir: std::path::PathBuf,
+    /// Multiplies the adapter's `alpha / r` scaling.
+    pub weight: f64,
+}
+
+impl std::str::FromStr for AdapterSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        // A trailing `:number` is the weight; anything else is part of the path.
+        if let Some((dir, weight)) = text.rsplit_once(':') {
+            if let Ok(weight) = weight.parse::<f64>() {
+                if !weight.is_finite() {
+                    return Err(format!("the weight in `{text}` must be a finite number"));
+                }
+                return Ok(AdapterSpec {
+                    dir: dir.into(),
+                    weight,
+                });
+            }
+        }
+        Ok(AdapterSpec {
+            dir: text.into(),
+            weight: 1.0,
+        })
+    }
+}
+
 impl Loaded {
     pub fn open(path: &Path, ctx: &Context) -> Result<Loaded> {
+        Loaded::open_with_adapters(path, ctx, &[])
+    }
+
+    /// Opens a model and attaches LoRA `adapters` to it, unmerged; only a transformer
+    /// directory takes adapters.
+    pub fn open_with_adapters(
+        path: &Path,
+        ctx: &Context,
+        adapters: &[AdapterSpec],
+    ) -> Result<Loaded> {
+        let mut loaded = Loaded::open_plain(path, ctx)?;
+        if adapters.is_empty() {
+            return Ok(loaded);
+        }
+        let Loaded::Transformer { model, .. } = &mut loaded else {
+            bail!(
+                "{}: --adapter needs a transformer model directory, not an n-gram model",
+                path.display()
+            );
+        };
+        for spec in adapters {
+            let adapter = crate::lora::Adapter::load(&spec.dir, model.device())
+                .with_context(|| format!("loading the adapter in {}", spec.dir.display()))?;
+            adapter.attach(model, spec.weight, &spec.dir)?;
+        }
+        Ok(loaded)
+    }
+
+    fn open_plain(path: &Path, ctx: &Context) -> Result<Loaded> {
         if path.is_dir() {
             let tokenizer_path = path.join("tokenizer.json");
             if !tokenizer_path.is_file() {

@@ -8,6 +8,7 @@ pub mod generate;
 mod info;
 mod interactive;
 mod loaded;
+pub mod lora;
 mod ngram;
 pub mod train;
 
@@ -84,6 +85,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Train(args)) => train::run(&ctx, args),
         Some(Command::Generate(args)) => generate::run(&ctx, args),
         Some(Command::Eval(args)) => eval::run(&ctx, args),
+        Some(Command::Lora(command)) => lora::run(&ctx, command),
         Some(Command::Info) => info::run(&ctx),
         None => {
             use clap::CommandFactory;

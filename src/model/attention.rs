@@ -10,9 +10,10 @@
 //! The cache stores keys after RoPE and before the GQA repeat, so it holds
 //! `num_key_value_heads` heads: that saving is the point of GQA.
 
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
 
+use super::adapter::Projection;
 use super::config::ModelConfig;
 use super::dropout::DropoutRng;
 use super::linear;
@@ -132,10 +133,10 @@ impl KvCache {
 /// One self-attention layer.
 #[derive(Debug, Clone)]
 pub(crate) struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -148,10 +149,10 @@ impl Attention {
         let (c, d, bias) = (cfg.hidden_size, cfg.head_size(), cfg.attention_bias);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.kv_heads());
         Ok(Attention {
-            q_proj: linear(vb.pp("q_proj"), c, heads * d, bias, cfg)?,
-            k_proj: linear(vb.pp("k_proj"), c, kv_heads * d, bias, cfg)?,
-            v_proj: linear(vb.pp("v_proj"), c, kv_heads * d, bias, cfg)?,
-            o_proj: linear(vb.pp("o_proj"), heads * d, c, bias, cfg)?,
+            q_proj: linear(vb.pp("q_proj"), c, heads * d, bias, cfg)?.into(),
+            k_proj: linear(vb.pp("k_proj"), c, kv_heads * d, bias, cfg)?.into(),
+            v_proj: linear(vb.pp("v_proj"), c, kv_heads * d, bias, cfg)?.into(),
+            o_proj: linear(vb.pp("o_proj"), heads * d, c, bias, cfg)?.into(),
             heads,
             kv_heads,
             head_dim: d,
@@ -168,8 +169,18 @@ impl Attention {
             ("o_proj", &self.o_proj),
         ];
         for (name, layer) in layers {
-            super::linear_tensors(layer, &format!("{prefix}.{name}"), out);
+            super::linear_tensors(layer.linear(), &format!("{prefix}.{name}"), out);
         }
+    }
+
+    /// The four projections by name, for attaching adapters.
+    pub(crate) fn projections_mut(&mut self) -> [(&'static str, &mut Projection); 4] {
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
     }
 
     /// Attends from `xs` (positions `offset..offset + t`) to the cached positions and to
@@ -186,8 +197,8 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _c) = xs.dims3()?; // (b, t, c)
         let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |proj: &Linear, heads: usize| -> candle_core::Result<Tensor> {
-            proj.forward(xs)? // (b, t, heads * d)
+        let split = |proj: &Projection, heads: usize| -> candle_core::Result<Tensor> {
+            proj.forward(xs, rng)? // (b, t, heads * d)
                 .reshape((b, t, heads, d))?
                 .transpose(1, 2)? // (b, heads, t, d)
                 .contiguous()
@@ -234,7 +245,7 @@ impl Attention {
         };
         let out = probs.matmul(&v)?; // (b, h, t, d)
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?; // (b, t, h * d)
-        self.o_proj.forward(&out) // (b, t, c)
+        self.o_proj.forward(&out, rng) // (b, t, c)
     }
 }
 

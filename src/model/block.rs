@@ -9,6 +9,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::adapter::Projection;
 use super::attention::{Attention, LayerKv};
 use super::config::{ModelConfig, NormPosition};
 use super::dropout::DropoutRng;
@@ -51,6 +52,15 @@ impl Block {
             .named_tensors(&format!("{prefix}.post_attention_layernorm"), out);
     }
 
+    /// The block's projections by their name under it (`self_attn.q_proj`, ...).
+    pub(crate) fn projections_mut(&mut self) -> Vec<(String, &mut Projection)> {
+        let attn = self.self_attn.projections_mut().into_iter();
+        let mlp = self.mlp.projections_mut().into_iter();
+        attn.map(|(name, p)| (format!("self_attn.{name}"), p))
+            .chain(mlp.map(|(name, p)| (format!("mlp.{name}"), p)))
+            .collect()
+    }
+
     /// Runs the block on positions `offset..offset + t` (see `Attention::forward`).
     pub(crate) fn forward(
         &self,
@@ -74,7 +84,7 @@ impl Block {
                 let xs = (xs + branch_dropout(attn)?)?; // (b, t, c)
                 let ff = self
                     .mlp
-                    .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+                    .forward(&self.post_attention_layernorm.forward(&xs)?, rng)?;
                 &xs + branch_dropout(ff)? // (b, t, c)
             }
             NormPosition::Post => {
@@ -82,7 +92,7 @@ impl Block {
                 let xs = self
                     .input_layernorm
                     .forward(&(xs + branch_dropout(attn)?)?)?;
-                let ff = self.mlp.forward(&xs)?;
+                let ff = self.mlp.forward(&xs, rng)?;
                 self.post_attention_layernorm
                     .forward(&(&xs + branch_dropout(ff)?)?) // (b, t, c)
             }

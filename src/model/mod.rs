@@ -13,11 +13,13 @@
 //! `config` (the architecture), `norm`, `rope` (all position encodings), `attention`
 //! (with the KV cache), `mlp`, `block`, `transformer` (the model), `state` (the model as
 //! a `LanguageModel`), `hf` (config.json + model.safetensors), `params` (parameter
-//! inventory and memory estimate), `dropout` (seeded masks).
+//! inventory and memory estimate), `dropout` (seeded masks), `adapter` (projections
+//! that carry LoRA branches; see `crate::lora`).
 //!
 //! Candle stays inside this module: everything that leaves it is host data or
 //! `crate::Error`.
 
+pub mod adapter;
 mod attention;
 mod block;
 pub mod config;
@@ -36,6 +38,7 @@ mod tests;
 use candle_core::Tensor;
 use candle_nn::{Init, Linear, VarBuilder};
 
+pub use adapter::{LoraBranch, Projection};
 pub use attention::KvCache;
 pub use config::{Activation, ModelConfig, NormKind, NormPosition, PositionKind};
 pub use dropout::DropoutRng;

@@ -12,6 +12,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
+use super::adapter::Projection;
 use super::attention::{causal_mask, KvCache};
 use super::block::Block;
 use super::config::{ModelConfig, NormPosition, PositionKind};
@@ -120,6 +121,18 @@ impl Transformer {
         }
         if let Some(lm_head) = &self.lm_head {
             super::linear_tensors(lm_head, "lm_head", &mut out);
+        }
+        out
+    }
+
+    /// Every adaptable projection (attention and MLP) under its Hugging Face module name,
+    /// `model.layers.{i}.self_attn.q_proj`, ..., in file order: where LoRA attaches.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection)> {
+        let mut out = Vec::new();
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for (name, projection) in block.projections_mut() {
+                out.push((format!("model.layers.{i}.{name}"), projection));
+            }
         }
         out
     }

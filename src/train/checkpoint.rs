@@ -87,6 +87,17 @@ fn state_of(bytes: &[u8], path: &Path) -> Result<CheckpointState> {
 /// checking that it was made for `model` (the error names the differing tensor and
 /// both shapes); returns its state.
 pub fn load(path: &Path, optimizer: &mut AdamW, model: &ModelConfig) -> Result<CheckpointState> {
+    load_with_shapes(path, optimizer, model, &tensor_shapes(model))
+}
+
+/// [`load`] for an optimiser over other parameters than the model's own (LoRA
+/// adapters): `expected` lists their names and shapes.
+pub fn load_with_shapes(
+    path: &Path,
+    optimizer: &mut AdamW,
+    model: &ModelConfig,
+    expected: &[(String, Vec<usize>)],
+) -> Result<CheckpointState> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let state = state_of(&bytes, path)?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
@@ -97,8 +108,7 @@ pub fn load(path: &Path, optimizer: &mut AdamW, model: &ModelConfig) -> Result<C
     })?;
     drop(bytes);
     // The shapes the config implies against the shapes in the file, tensor by tensor.
-    let expected = tensor_shapes(model);
-    for (name, shape) in &expected {
+    for (name, shape) in expected {
         match tensors.get(name) {
             None => {
                 return Err(Error::Invalid(format!(

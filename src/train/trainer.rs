@@ -248,7 +248,7 @@ fn step_model<'a>(
 }
 
 /// Mean cross-entropy (nats per token) of `logits` (b, t, vocab) against `targets` (b, t).
-fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let logits = logits.reshape((b * t, v))?.to_dtype(DType::F32)?; // (b*t, vocab)
     let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
