@@ -55,7 +55,13 @@ impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let up = self.up_proj.forward(xs)?; // (b, t, inner)
         let hidden = match (&self.gate_proj, self.activation) {
-            (Some(gate_proj), _) => (gate_proj.forward(xs)?.silu()? * up)?,
+            (Some(gate_proj), _) => {
+                let gate = gate_proj.forward(xs)?; // (b, t, inner)
+                match super::fused::swiglu(&gate, &up)? {
+                    Some(hidden) => hidden,
+                    None => (gate.silu()? * up)?,
+                }
+            }
             (None, Activation::Relu) => up.relu()?,
             // transformers' "gelu" is the exact erf form, not the tanh approximation.
             (None, Activation::Gelu) => up.gelu_erf()?,
