@@ -16,6 +16,7 @@ use candle_nn::VarBuilder;
 use super::adapter::Projection;
 use super::config::ModelConfig;
 use super::dropout::DropoutRng;
+use super::fused;
 use super::linear;
 use super::rope::Rotary;
 
@@ -197,6 +198,26 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _c) = xs.dims3()?; // (b, t, c)
         let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        // A whole sequence without a cache (training, scoring): one fused kernel from the
+        // projections to o_proj's input, when it applies (f32 on the CPU, no dropout on
+        // the attention weights).
+        let no_dropout = rng.is_none() || self.dropout == 0.0;
+        if kv.is_none() && offset == 0 && no_dropout && t > 1 {
+            let rope = match rotary {
+                Some(rotary) => rotary.host_tables(),
+                None => None,
+            };
+            if rotary.is_none() || rope.is_some() {
+                let (q, k, v) = (
+                    self.q_proj.forward(xs, rng)?, // (b, t, h * d)
+                    self.k_proj.forward(xs, rng)?, // (b, t, g * d)
+                    self.v_proj.forward(xs, rng)?, // (b, t, g * d)
+                );
+                if let Some(out) = fused::causal_attention(&q, &k, &v, h, g, d, rope)? {
+                    return self.o_proj.forward(&out, rng); // (b, t, c)
+                }
+            }
+        }
         let split = |proj: &Projection, heads: usize| -> candle_core::Result<Tensor> {
             proj.forward(xs, rng)? // (b, t, heads * d)
                 .reshape((b, t, heads, d))?

@@ -71,7 +71,13 @@ impl Mlp {
     ) -> candle_core::Result<Tensor> {
         let up = self.up_proj.forward(xs, rng)?; // (b, t, inner)
         let hidden = match (&self.gate_proj, self.activation) {
-            (Some(gate_proj), _) => (gate_proj.forward(xs, rng)?.silu()? * up)?,
+            (Some(gate_proj), _) => {
+                let gate = gate_proj.forward(xs, rng)?; // (b, t, inner)
+                match super::fused::swiglu(&gate, &up)? {
+                    Some(hidden) => hidden,
+                    None => (gate.silu()? * up)?,
+                }
+            }
             (None, Activation::Relu) => up.relu()?,
             // transformers' "gelu" is the exact erf form, not the tanh approximation.
             (None, Activation::Gelu) => up.gelu_erf()?,

@@ -69,6 +69,11 @@ impl Module for Norm {
         // can flow through this call (inference on loaded weights).
         let tracked = xs.track_op() || self.weight.track_op();
         if tracked || !xs.is_contiguous() {
+            if self.bias.is_none() {
+                if let Some(ys) = super::fused::rms_norm(xs, &self.weight, self.eps)? {
+                    return Ok(ys);
+                }
+            }
             return self.forward_graph(xs);
         }
         let eps = self.eps as f32;

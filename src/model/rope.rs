@@ -8,10 +8,13 @@
 //! `position * frequency`. Tables are computed once, for `max_position_embeddings`
 //! positions, in f32 as `transformers` does, then cast to the model's dtype.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::{ModelConfig, PositionKind};
+use super::fused::RopeTables;
 
 /// Rotary position embedding tables, shared by every attention layer.
 #[derive(Debug, Clone)]
@@ -20,6 +23,8 @@ pub(crate) struct Rotary {
     cos: Tensor,
     /// sin(position * frequency): (max_positions, head_dim / 2).
     sin: Tensor,
+    /// The same tables in host memory for the fused CPU attention; `None` unless f32.
+    host: Option<RopeTables>,
 }
 
 impl Rotary {
@@ -45,9 +50,18 @@ impl Rotary {
                 sin.push(angle.sin() as f32);
             }
         }
+        let host = (dtype == DType::F32 && device.is_cpu()).then(|| RopeTables {
+            cos: Arc::new(cos.clone()),
+            sin: Arc::new(sin.clone()),
+        });
         let cos = Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?;
-        Ok(Rotary { cos, sin })
+        Ok(Rotary { cos, sin, host })
+    }
+
+    /// The tables in host memory, for the fused CPU attention (f32 CPU models only).
+    pub(crate) fn host_tables(&self) -> Option<RopeTables> {
+        self.host.clone()
     }
 
     /// Rotates queries or keys whose first position is `offset`.

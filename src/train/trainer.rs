@@ -35,7 +35,8 @@ use super::token_file::{self, TokenDtype, TokenFile};
 use super::{interrupt, vocab};
 use crate::fsutil::write_atomic;
 use crate::model::{
-    param_count, training_memory, DropoutRng, ModelConfig, TrainingMemory, Transformer,
+    fused_cross_entropy, param_count, training_memory, DropoutRng, ModelConfig, TrainingMemory,
+    Transformer,
 };
 use crate::tokenize::{AnyTokenizer, Tokenizer};
 use crate::{Error, Result};
@@ -251,6 +252,9 @@ fn step_model<'a>(
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let logits = logits.reshape((b * t, v))?.to_dtype(DType::F32)?; // (b*t, vocab)
+    if let Some(loss) = fused_cross_entropy(&logits, &targets.flatten_all()?)? {
+        return Ok(loss);
+    }
     let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let targets = targets.reshape((b * t, 1))?; // (b*t, 1)
     Ok(logprobs.gather(&targets, 1)?.mean_all()?.neg()?)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# nlp train beside PyTorch (benches/train_ref.py: the same Llama-style architecture and
+# recipe) on the same thread count.
+#
+#   benches/train.sh            # 2000 steps of configs/shakespeare-char.toml + the large config
+#   benches/train.sh --quick    # 200 steps, and 5 steps of the large config
+#
+# Environment: THREADS (default 1) sets RAYON_NUM_THREADS for nlp (candle's matmuls
+# and our kernels use rayon's pool) and torch.set_num_threads for PyTorch.
+# Prints validation loss and training tokens/s (evaluation excluded) of both, the
+# tokens/s ratio, and for dim 384 / 6 layers / 6 heads / seq 256 / batch 16 also peak
+# resident memory (/usr/bin/time's maximum RSS).
+source "$(dirname "$0")/common.sh"
+
+STEPS=2000
+LARGE_STEPS=20
+if [ "${1:-}" = "--quick" ]; then
+  STEPS=200
+  LARGE_STEPS=5
+fi
+THREADS="${THREADS:-1}"
+CORPUS="$SHARED/data/tinyshakespeare.txt"
+
+build_nlp
+python_env torch numpy
+PY="$VENV/bin/python"
+
+# nlp train with the shakespeare-char config, extra arguments first (--set ...); the
+# output folder is $OUT/train-run.
+nlp_train=(env RAYON_NUM_THREADS="$THREADS" "$NLP" --json -q --config "$ROOT/configs/shakespeare-char.toml")
+
+json_field() { # field, file (one JSON document, or JSON lines: the last one)
+  "$PY" - "$1" "$2" <<'PYEOF'
+import json, sys
+text = open(sys.argv[2]).read().strip()
+try:
+    doc = json.loads(text)
+except ValueError:
+    doc = json.loads(text.splitlines()[-1])
+print(doc[sys.argv[1]])
+PYEOF
+}
+
+echo "== shakespeare-char: dim 128, 4 layers, 4 heads, hidden 352, seq 64, batch 12, $STEPS steps, $THREADS thread(s)"
+rm -rf "$OUT/train-run"
+measure "${nlp_train[@]}" --set "train.steps=$STEPS" train "$CORPUS" -o "$OUT/train-run" > "$OUT/time-nlp-small.txt"
+cp "$OUT/last.log" "$OUT/nlp-small.json"
+measure "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" --steps "$STEPS" \
+  --threads "$THREADS" > "$OUT/time-torch-small.txt"
+cp "$OUT/last.log" "$OUT/torch-small.json"
+nlp_val=$(json_field final_val_loss "$OUT/nlp-small.json")
+nlp_tps=$(json_field tokens_per_s "$OUT/nlp-small.json")
+torch_val=$(json_field val_loss "$OUT/torch-small.json")
+torch_tps=$(json_field tokens_per_s "$OUT/torch-small.json")
+printf "%-8s val loss %.4f  train tokens/s %8.0f\n" nlp "$nlp_val" "$nlp_tps" PyTorch "$torch_val" "$torch_tps"
+echo "tokens/s ratio nlp/PyTorch: $(ratio "$nlp_tps" "$torch_tps")"
+
+echo "== large: dim 384, 6 layers, 6 heads, hidden 1024, seq 256, batch 16, $LARGE_STEPS steps"
+large=(--set model.dim=384 --set model.n_layers=6 --set model.n_heads=6 --set model.hidden=1024
+  --set train.seq_len=256 --set train.batch_size=16 --set "train.steps=$LARGE_STEPS"
+  --set train.warmup_steps=2 --set train.eval_steps=1 --set train.checkpoint_every=0)
+rm -rf "$OUT/train-run"
+read -r _ nlp_kib < <(measure "${nlp_train[@]}" "${large[@]}" train "$CORPUS" -o "$OUT/train-run")
+cp "$OUT/last.log" "$OUT/nlp-large.json"
+read -r _ torch_kib < <(measure "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" \
+  --dim 384 --layers 6 --heads 6 --hidden 1024 --seq-len 256 --batch 16 \
+  --steps "$LARGE_STEPS" --warmup 2 --eval-batches 1 --threads "$THREADS")
+cp "$OUT/last.log" "$OUT/torch-large.json"
+nlp_tps=$(json_field tokens_per_s "$OUT/nlp-large.json")
+torch_tps=$(json_field tokens_per_s "$OUT/torch-large.json")
+printf "%-8s train tokens/s %8.0f  peak memory %6.0f MiB\n" \
+  nlp "$nlp_tps" "$((nlp_kib / 1024))" PyTorch "$torch_tps" "$((torch_kib / 1024))"
+echo "tokens/s ratio nlp/PyTorch: $(ratio "$nlp_tps" "$torch_tps"); peak memory ratio: $(ratio "$nlp_kib" "$torch_kib")"

@@ -1,0 +1,853 @@
+//! Fused CPU kernels with hand-written backward passes, for training in f32.
+//!
+//! Candle differentiates any graph of primitive ops, but on the CPU every primitive is a
+//! pass over memory and a new tensor kept for the backward pass. These kernels do each
+//! layer's elementwise and per-row work in one pass, forward and backward:
+//! - [`rms_norm`]: `x / sqrt(mean(x^2) + eps) * w` (Zhang & Sennrich 2019);
+//! - [`causal_attention`]: RoPE (rotate-half layout) on q and k, `softmax(q k^T /
+//!   sqrt(d))` under the causal mask, times v, with grouped-query heads, reading the
+//!   projections' (b, t, heads * d) outputs and writing the (b, t, heads * d) input of
+//!   `o_proj`, so no transposes or copies; the backward pass recomputes the attention
+//!   weights row by row instead of keeping the (b, h, t, t) matrix (as FlashAttention,
+//!   Dao et al. 2022, does), so memory stays linear in t;
+//! - [`swiglu`]: `silu(gate) * up` (Shazeer 2020);
+//! - [`cross_entropy`]: mean negative log-softmax of the targets, whose gradient is
+//!   `softmax - one_hot`.
+//!
+//! Each returns `None` when it does not apply (another device or dtype), and the caller
+//! takes the graph of primitive ops, which is also the reference the tests compare
+//! values and gradients against. Loops run over batch rows in parallel with rayon (one
+//! thread when `RAYON_NUM_THREADS=1`).
+
+use std::sync::Arc;
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage,
+    Tensor,
+};
+use rayon::prelude::*;
+
+/// Whether the kernels here can take `xs`: f32 on the CPU.
+fn applies(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+/// The f32 elements of a contiguous CPU tensor.
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{op}: expects f32 tensors");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op}: expects contiguous tensors");
+    };
+    Ok(&data[start..end])
+}
+
+/// Runs `f` on the f32 elements of `tensors` (made contiguous first), borrowed from
+/// their storage: what a backward pass reads.
+fn with_host<const N: usize, R>(
+    tensors: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let contiguous = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        *slot = match &**storage {
+            Storage::Cpu(cpu) => slice(cpu, layout, op)?,
+            _ => bail!("{op}: expects CPU tensors"),
+        };
+    }
+    f(slices)
+}
+
+/// e^x to about 2 ulp (Cephes' `expf` polynomial), written without branches so that a
+/// loop of it compiles to vector instructions, unlike the C library's `expf`.
+/// Saturates to the smallest normal below x = -87.3 and overflows to +inf above 88.7;
+/// NaN stays NaN.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums, so the compiler can keep them in vector registers.
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += alpha * x`.
+#[inline(always)]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (xs, weight) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let c = weight.len();
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(c)
+            .zip(xs.par_chunks(c))
+            .for_each(|(y, x)| {
+                let r = 1.0 / (dot(x, x) / c as f32 + self.eps).sqrt();
+                for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
+                    *y = x * r * w;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = with_host([xs, weight, grad], self.name(), |[x, w, g]| {
+            let c = w.len();
+            let mut dx = vec![0f32; x.len()];
+            // d/dx_k of x_k r w_k with r = (mean(x^2) + eps)^(-1/2):
+            // dx = r (g w) - x r^3 mean(g w x);  dw = sum over rows of g x r.
+            let dw = dx
+                .par_chunks_mut(c)
+                .zip(x.par_chunks(c).zip(g.par_chunks(c)))
+                .fold(
+                    || vec![0f32; c],
+                    |mut dw, (dx, (x, g))| {
+                        let r = 1.0 / (dot(x, x) / c as f32 + self.eps).sqrt();
+                        let mut gwx = 0f32;
+                        for k in 0..c {
+                            gwx += g[k] * w[k] * x[k];
+                            dw[k] += g[k] * x[k] * r;
+                        }
+                        let coeff = r * r * r * gwx / c as f32;
+                        for k in 0..c {
+                            dx[k] = r * g[k] * w[k] - x[k] * coeff;
+                        }
+                        dw
+                    },
+                )
+                .reduce(
+                    || vec![0f32; c],
+                    |mut a, b| {
+                        axpy(1.0, &b, &mut a);
+                        a
+                    },
+                );
+            Ok((dx, dw))
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, xs.shape(), &Device::Cpu)?),
+            Some(Tensor::from_vec(dw, weight.shape(), &Device::Cpu)?),
+        ))
+    }
+}
+
+/// RMSNorm of `xs` (.., c) with `weight` (c), or `None` when the kernel does not apply.
+pub(crate) fn rms_norm(
+    xs: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    if !applies(xs) || !applies(weight) {
+        return Ok(None);
+    }
+    let xs = xs.contiguous()?;
+    let weight = weight.contiguous()?;
+    Ok(Some(xs.apply_op2(&weight, RmsNorm { eps: eps as f32 })?))
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+struct SwiGlu;
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let out = {
+            gate.iter()
+                .zip(up)
+                .map(|(&g, &u)| g * sigmoid(g) * u)
+                .collect()
+        };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (d_gate, d_up) = with_host([gate, up, grad], self.name(), |[gs, us, dys]| {
+            let n = gs.len();
+            let (us, dys) = (&us[..n], &dys[..n]);
+            let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
+            {
+                for i in 0..n {
+                    let (g, u, dy) = (gs[i], us[i], dys[i]);
+                    let s = sigmoid(g);
+                    // silu'(g) = s (1 + g (1 - s)).
+                    d_gate[i] = dy * u * s * (1.0 + g * (1.0 - s));
+                    d_up[i] = dy * g * s;
+                }
+            }
+            Ok((d_gate, d_up))
+        })?;
+        Ok((
+            Some(Tensor::from_vec(d_gate, gate.shape(), &Device::Cpu)?),
+            Some(Tensor::from_vec(d_up, up.shape(), &Device::Cpu)?),
+        ))
+    }
+}
+
+/// `silu(gate) * up`, or `None` when the kernel does not apply.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !applies(gate) || !applies(up) || gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    Ok(Some(
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?,
+    ))
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+struct CrossEntropy {
+    targets: Arc<Vec<u32>>,
+}
+
+impl CrossEntropy {
+    /// Per row: log-sum-exp, and the softmax into `probs` when given.
+    #[inline(always)]
+    fn row(logits: &[f32], probs: Option<&mut [f32]>) -> f32 {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = logits.iter().map(|&l| exp(l - max)).sum();
+        if let Some(probs) = probs {
+            for (p, &l) in probs.iter_mut().zip(logits) {
+                *p = exp(l - max) / sum;
+            }
+        }
+        max + sum.ln()
+    }
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let logits = slice(storage, layout, self.name())?;
+        let n = self.targets.len();
+        let v = logits.len() / n;
+        let total: f64 = logits
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| (Self::row(row, None) - row[t as usize]) as f64)
+            .sum();
+        Ok((
+            CpuStorage::F32(vec![(total / n as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.targets.len() as f32;
+        let d_logits = with_host([logits], self.name(), |[logits]| {
+            let v = logits.len() / self.targets.len();
+            let mut d_logits = vec![0f32; logits.len()];
+            d_logits
+                .par_chunks_mut(v)
+                .zip(logits.par_chunks(v).zip(self.targets.par_iter()))
+                .for_each(|(d, (row, &t))| {
+                    Self::row(row, Some(d));
+                    d[t as usize] -= 1.0;
+                    d.iter_mut().for_each(|d| *d *= scale);
+                });
+            Ok(d_logits)
+        })?;
+        Ok(Some(Tensor::from_vec(
+            d_logits,
+            logits.shape(),
+            &Device::Cpu,
+        )?))
+    }
+}
+
+/// Mean cross-entropy (nats) of `logits` (n, vocab) against `targets` (n) u32, or `None`
+/// when the kernel does not apply.
+pub(crate) fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    if !applies(logits) || !targets.device().is_cpu() {
+        return Ok(None);
+    }
+    let (_n, v) = logits.dims2()?;
+    let targets: Vec<u32> = targets.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("target id {bad} is outside the vocabulary of {v}");
+    }
+    let op = CrossEntropy {
+        targets: Arc::new(targets),
+    };
+    Ok(Some(logits.contiguous()?.apply_op1(op)?))
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Rotary tables for the positions `0..t`: cos and sin, each (t, d/2) row-major.
+#[derive(Debug, Clone)]
+pub(crate) struct RopeTables {
+    pub(crate) cos: Arc<Vec<f32>>,
+    pub(crate) sin: Arc<Vec<f32>>,
+}
+
+struct CausalAttention {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope: Option<RopeTables>,
+}
+
+/// The shapes one attention call works on.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    h: usize,
+    g: usize,
+    d: usize,
+}
+
+impl CausalAttention {
+    fn dims(&self, q_len: usize, k_len: usize, t: usize) -> candle_core::Result<Dims> {
+        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        let b = q_len / (t * h * d);
+        if b * t * h * d != q_len || b * t * g * d != k_len {
+            bail!("fused-attention: inputs do not match {h} heads, {g} kv heads of width {d}");
+        }
+        Ok(Dims { t, h, g, d })
+    }
+
+    /// Copies head `head` of `src` (t, heads * d) into `dst` (t, d), rotated when RoPE is on.
+    #[inline(always)]
+    fn gather(&self, src: &[f32], heads: usize, head: usize, dst: &mut [f32]) {
+        let d = self.head_dim;
+        let half = d / 2;
+        for (i, row) in dst.chunks_exact_mut(d).enumerate() {
+            let x = &src[(i * heads + head) * d..][..d];
+            match &self.rope {
+                None => row.copy_from_slice(x),
+                Some(rope) => {
+                    let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
+                    for j in 0..half {
+                        row[j] = x[j] * cos[j] - x[j + half] * sin[j];
+                        row[j + half] = x[j + half] * cos[j] + x[j] * sin[j];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds `src` (t, d), a gradient with respect to rotated rows, into head `head` of
+    /// `dst` (t, heads * d), rotating it back (the transpose of the rotation).
+    #[inline(always)]
+    fn scatter_add(&self, src: &[f32], heads: usize, head: usize, dst: &mut [f32]) {
+        let d = self.head_dim;
+        let half = d / 2;
+        for (i, row) in src.chunks_exact(d).enumerate() {
+            let y = &mut dst[(i * heads + head) * d..][..d];
+            match &self.rope {
+                None => axpy(1.0, row, y),
+                Some(rope) => {
+                    let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
+                    for j in 0..half {
+                        y[j] += row[j] * cos[j] + row[j + half] * sin[j];
+                        y[j + half] += row[j + half] * cos[j] - row[j] * sin[j];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Attention weights of query row `i` over keys `0..=i`, into `p`; returns nothing
+    /// else because each row is normalised here.
+    #[inline(always)]
+    fn weights(q_row: &[f32], k: &[f32], d: usize, scale: f32, p: &mut [f32]) {
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in p.iter_mut().enumerate() {
+            *s = dot(q_row, &k[j * d..][..d]) * scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in p.iter_mut() {
+            *s = exp(*s - max);
+        }
+        for s in p.iter() {
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        p.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            slice(s1, l1, self.name())?,
+            slice(s2, l2, self.name())?,
+            slice(s3, l3, self.name())?,
+        );
+        let t = l1.dims()[1];
+        let Dims { t, h, g, d, .. } = self.dims(q.len(), k.len(), t)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; q.len()];
+        out.par_chunks_mut(t * h * d)
+            .zip(q.par_chunks(t * h * d))
+            .zip(k.par_chunks(t * g * d).zip(v.par_chunks(t * g * d)))
+            .for_each(|((out, q), (k, v))| {
+                let (mut qh, mut kh, mut vh) =
+                    (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+                let mut p = vec![0f32; t];
+                for head in 0..h {
+                    let kv_head = head / (h / g);
+                    self.gather(q, h, head, &mut qh);
+                    if head % (h / g) == 0 {
+                        self.gather(k, g, kv_head, &mut kh);
+                        for (i, row) in vh.chunks_exact_mut(d).enumerate() {
+                            row.copy_from_slice(&v[(i * g + kv_head) * d..][..d]);
+                        }
+                    }
+                    for i in 0..t {
+                        let p = &mut p[..=i];
+                        Self::weights(&qh[i * d..][..d], &kh, d, scale, p);
+                        let o = &mut out[(i * h + head) * d..][..d];
+                        for (j, &pj) in p.iter().enumerate() {
+                            axpy(pj, &vh[j * d..][..d], o);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let t = res.dims()[1];
+        let (dq, dk, dv) = with_host([q, k, v, res, grad], self.name(), |[q, k, v, o, d_o]| {
+            let Dims { t, h, g, d, .. } = self.dims(q.len(), k.len(), t)?;
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mut dq, mut dk, mut dv) = (
+                vec![0f32; q.len()],
+                vec![0f32; k.len()],
+                vec![0f32; v.len()],
+            );
+            let per_q = t * h * d;
+            let per_kv = t * g * d;
+            // One batch row per task: each writes only its own rows of dq, dk, dv.
+            dq.par_chunks_mut(per_q)
+                .zip(dk.par_chunks_mut(per_kv).zip(dv.par_chunks_mut(per_kv)))
+                .enumerate()
+                .for_each(|(bi, (dq, (dk, dv)))| {
+                    {
+                        let (q, k, v) = (
+                            &q[bi * per_q..][..per_q],
+                            &k[bi * per_kv..][..per_kv],
+                            &v[bi * per_kv..][..per_kv],
+                        );
+                        let (o, d_o) = (&o[bi * per_q..][..per_q], &d_o[bi * per_q..][..per_q]);
+                        let (mut qh, mut kh, mut vh) =
+                            (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+                        let (mut dqh, mut dkh, mut dvh) =
+                            (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+                        let mut p = vec![0f32; t];
+                        for head in 0..h {
+                            let kv_head = head / (h / g);
+                            self.gather(q, h, head, &mut qh);
+                            if head % (h / g) == 0 {
+                                self.gather(k, g, kv_head, &mut kh);
+                                for (i, row) in vh.chunks_exact_mut(d).enumerate() {
+                                    row.copy_from_slice(&v[(i * g + kv_head) * d..][..d]);
+                                }
+                                dkh.fill(0.0);
+                                dvh.fill(0.0);
+                            }
+                            dqh.fill(0.0);
+                            for i in 0..t {
+                                let p = &mut p[..=i];
+                                let q_row = &qh[i * d..][..d];
+                                Self::weights(q_row, &kh, d, scale, p);
+                                let do_row = &d_o[(i * h + head) * d..][..d];
+                                // softmax backward: ds_j = p_j (dp_j - sum_k p_k dp_k), and
+                                // sum_k p_k dp_k = do . o.
+                                let delta = dot(do_row, &o[(i * h + head) * d..][..d]);
+                                let dq_row = &mut dqh[i * d..][..d];
+                                for (j, &pj) in p.iter().enumerate() {
+                                    let dp = dot(do_row, &vh[j * d..][..d]);
+                                    let ds = pj * (dp - delta) * scale;
+                                    axpy(ds, &kh[j * d..][..d], dq_row);
+                                    axpy(ds, q_row, &mut dkh[j * d..][..d]);
+                                    axpy(pj, do_row, &mut dvh[j * d..][..d]);
+                                }
+                            }
+                            self.scatter_add(&dqh, h, head, dq);
+                            if head % (h / g) == h / g - 1 {
+                                self.scatter_add(&dkh, g, kv_head, dk);
+                                for (i, row) in dvh.chunks_exact(d).enumerate() {
+                                    axpy(1.0, row, &mut dv[(i * g + kv_head) * d..][..d]);
+                                }
+                            }
+                        }
+                    }
+                });
+            Ok((dq, dk, dv))
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dq, res.shape(), &Device::Cpu)?),
+            Some(Tensor::from_vec(dk, k.shape(), &Device::Cpu)?),
+            Some(Tensor::from_vec(dv, v.shape(), &Device::Cpu)?),
+        ))
+    }
+}
+
+/// Causal self-attention over `q` (b, t, heads * d) and `k`, `v` (b, t, kv_heads * d),
+/// straight from the projections, with RoPE for positions `0..t` when `rope` is given;
+/// returns (b, t, heads * d), or `None` when the kernel does not apply.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope: Option<RopeTables>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !applies(q) || !applies(k) || !applies(v) || heads % kv_heads != 0 || head_dim % 2 != 0 {
+        return Ok(None);
+    }
+    let op = CausalAttention {
+        heads,
+        kv_heads,
+        head_dim,
+        rope,
+    };
+    Ok(Some(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        op,
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every kernel against the graph of primitive ops it replaces (candle's autograd
+    //! is the reference for the gradients), on random inputs.
+    use super::*;
+    use candle_core::{Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Var {
+        // A fixed pseudo-random fill, so failures reproduce.
+        let n: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Var::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Values of `fused(inputs)` and `reference(inputs)`, and the gradients of
+    /// `sum(out * probe)` with respect to every input, agree within `tol`.
+    fn check(
+        inputs: &[Var],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        reference: impl Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&xs), reference(&xs));
+        assert!(
+            max_diff(&a, &b) < tol,
+            "values differ by {}",
+            max_diff(&a, &b)
+        );
+        let probe = randn(a.dims(), 99).as_tensor().clone();
+        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, x) in xs.iter().enumerate() {
+            let (da, db) = (ga.get(x).unwrap(), gb.get(x).unwrap());
+            let diff = max_diff(da, db);
+            assert!(diff < tol, "gradient of input {i} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_graph() {
+        let inputs = [randn(&[3, 5, 16], 1), randn(&[16], 2)];
+        let eps = 1e-5;
+        check(
+            &inputs,
+            |x| rms_norm(&x[0], &x[1], eps).unwrap().unwrap(),
+            |x| {
+                let ms = x[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let r = (ms + eps).unwrap().sqrt().unwrap();
+                x[0].broadcast_div(&r)
+                    .unwrap()
+                    .broadcast_mul(&x[1])
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_the_graph() {
+        let inputs = [randn(&[2, 7, 24], 3), randn(&[2, 7, 24], 4)];
+        check(
+            &inputs,
+            |x| swiglu(&x[0], &x[1]).unwrap().unwrap(),
+            |x| (x[0].silu().unwrap() * &x[1]).unwrap(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn cross_entropy_matches_log_softmax_and_gather() {
+        let logits = randn(&[10, 7], 5);
+        let targets = Tensor::new(&[0u32, 6, 3, 3, 1, 2, 5, 4, 0, 6], &Device::Cpu).unwrap();
+        check(
+            &[logits],
+            |x| {
+                cross_entropy(&(&x[0] * 4.0).unwrap(), &targets)
+                    .unwrap()
+                    .unwrap()
+            },
+            |x| {
+                let logprobs =
+                    candle_nn::ops::log_softmax(&(&x[0] * 4.0).unwrap(), D::Minus1).unwrap();
+                let picked = logprobs.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
+                picked.mean_all().unwrap().neg().unwrap()
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn out_of_range_target_is_an_error() {
+        let logits = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
+        assert!(cross_entropy(&logits, &targets).is_err());
+    }
+
+    /// The unfused attention: split heads, rotate half, scores, causal mask, softmax,
+    /// weighted values, merge heads.
+    fn attention_graph(
+        x: &[Tensor],
+        h: usize,
+        g: usize,
+        d: usize,
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Tensor {
+        let (b, t, _) = x[0].dims3().unwrap();
+        let split = |x: &Tensor, heads: usize| {
+            x.reshape((b, t, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let rotate = |x: Tensor| match rope {
+            None => x,
+            Some((cos, sin)) => {
+                let (x1, x2) = (
+                    x.narrow(3, 0, d / 2).unwrap(),
+                    x.narrow(3, d / 2, d / 2).unwrap(),
+                );
+                let first =
+                    (x1.broadcast_mul(cos).unwrap() - x2.broadcast_mul(sin).unwrap()).unwrap();
+                let second =
+                    (x2.broadcast_mul(cos).unwrap() + x1.broadcast_mul(sin).unwrap()).unwrap();
+                Tensor::cat(&[first, second], 3).unwrap()
+            }
+        };
+        let repeat = |x: Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, g, h / g, t, d))
+                .unwrap()
+                .reshape((b, h, t, d))
+                .unwrap()
+        };
+        let q = rotate(split(&x[0], h));
+        let k = repeat(rotate(split(&x[1], g)));
+        let v = repeat(split(&x[2], g));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+        let probs =
+            candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+        probs
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, h * d))
+            .unwrap()
+    }
+
+    fn tables(t: usize, d: usize) -> (RopeTables, (Tensor, Tensor)) {
+        let half = d / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..t {
+            for i in 0..half {
+                let angle = p as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let tensors = (
+            Tensor::from_slice(&cos, (t, half), &Device::Cpu).unwrap(),
+            Tensor::from_slice(&sin, (t, half), &Device::Cpu).unwrap(),
+        );
+        let host = RopeTables {
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+        };
+        (host, tensors)
+    }
+
+    #[test]
+    fn attention_matches_the_graph_with_rope_and_gqa() {
+        let (b, t, d) = (2, 9, 8);
+        for (h, g, with_rope) in [(4, 4, true), (4, 2, true), (3, 1, false)] {
+            let inputs = [
+                randn(&[b, t, h * d], 10),
+                randn(&[b, t, g * d], 11),
+                randn(&[b, t, g * d], 12),
+            ];
+            let (host, tensors) = tables(t, d);
+            check(
+                &inputs,
+                |x| {
+                    let rope = with_rope.then(|| host.clone());
+                    causal_attention(&x[0], &x[1], &x[2], h, g, d, rope)
+                        .unwrap()
+                        .unwrap()
+                },
+                |x| attention_graph(x, h, g, d, with_rope.then_some(&tensors)),
+                1e-5,
+            );
+        }
+    }
+}
