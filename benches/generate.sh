@@ -15,7 +15,8 @@
 source "$(dirname "$0")/common.sh"
 
 build_nlp
-python_env --index-url https://download.pytorch.org/whl/cpu torch
+# The CPU-only wheel; where that index is unreachable, PyPI's (larger) wheel.
+python_env --index-url https://download.pytorch.org/whl/cpu torch || python_env torch
 python_env transformers safetensors
 PY="$VENV/bin/python"
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2

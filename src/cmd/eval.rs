@@ -118,7 +118,10 @@ enum Input {
     /// Text, named for messages.
     Text { name: String, text: String },
     /// Sequences of ids from a file.
-    Ids { path: PathBuf, sequences: Vec<Vec<u32>> },
+    Ids {
+        path: PathBuf,
+        sequences: Vec<Vec<u32>>,
+    },
 }
 
 /// A model's predictions over the input.
@@ -139,16 +142,23 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
     }
     if let Some(plot) = &args.plot {
         if plot.extension().and_then(|e| e.to_str()) != Some("svg") {
-            bail!("--plot {}: the reliability diagram is written as SVG; name the file .svg", plot.display());
+            bail!(
+                "--plot {}: the reliability diagram is written as SVG; name the file .svg",
+                plot.display()
+            );
         }
     }
     if !args.compare.is_empty() {
         return compare(ctx, &args);
     }
     let path = args.model.as_ref().context("-m MODEL is required")?;
-    let perplexity = args.perplexity || !(args.calibration || args.efficiency || args.choices.is_some());
+    let perplexity =
+        args.perplexity || !(args.calibration || args.efficiency || args.choices.is_some());
     let token_calibration = args.calibration && (args.text.is_some() || args.ids.is_some());
-    if (perplexity || (args.calibration && args.choices.is_none())) && args.text.is_none() && args.ids.is_none() {
+    if (perplexity || (args.calibration && args.choices.is_none()))
+        && args.text.is_none()
+        && args.ids.is_none()
+    {
         bail!("no text to evaluate: give a TEXT file or corpus name, or --ids FILE");
     }
     let started = Instant::now();
@@ -168,23 +178,43 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
             add_perplexity(&mut report, &mut out, &scored, &loaded, args.per_token);
         }
         if token_calibration {
-            let calibration =
-                Calibration::new(scored.predictions.iter().map(|p| (p.confidence(), p.correct())), args.bins)?;
-            add_calibration(&mut report, &mut out, &calibration, "next-token calibration");
+            let calibration = Calibration::new(
+                scored
+                    .predictions
+                    .iter()
+                    .map(|p| (p.confidence(), p.correct())),
+                args.bins,
+            )?;
+            add_calibration(
+                &mut report,
+                &mut out,
+                &calibration,
+                "next-token calibration",
+            );
             if let Some(plot) = &args.plot {
                 let title = format!("{}: next-token reliability", path.display());
-                crate::fsutil::write_atomic(plot, eval::reliability::svg(&calibration, &title).as_bytes())?;
+                crate::fsutil::write_atomic(
+                    plot,
+                    eval::reliability::svg(&calibration, &title).as_bytes(),
+                )?;
             }
         }
     }
     if let Some(items_path) = &args.choices {
         let items = choices::read_items(items_path)?;
         let answers = choices::score_items(&items, args.bins, |prompt, form| {
-            loaded.continuation_logprob(prompt, form).map_err(|e| crate::Error::Invalid(format!("{e:#}")))
+            loaded
+                .continuation_logprob(prompt, form)
+                .map_err(|e| crate::Error::Invalid(format!("{e:#}")))
         })
         .with_context(|| items_path.display().to_string())?;
         let mut section = json!({});
-        add_calibration(&mut section, &mut out, &answers.calibration, "answer-level calibration");
+        add_calibration(
+            &mut section,
+            &mut out,
+            &answers.calibration,
+            "answer-level calibration",
+        );
         section["items"] = answers
             .items
             .iter()
@@ -201,7 +231,10 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
         report["answers"] = section;
         if let (Some(plot), false) = (&args.plot, token_calibration) {
             let title = format!("{}: answer reliability", path.display());
-            crate::fsutil::write_atomic(plot, eval::reliability::svg(&answers.calibration, &title).as_bytes())?;
+            crate::fsutil::write_atomic(
+                plot,
+                eval::reliability::svg(&answers.calibration, &title).as_bytes(),
+            )?;
         }
     }
     if args.efficiency {
@@ -258,16 +291,25 @@ fn read_input(args: &EvalArgs, loaded: &Loaded) -> Result<Option<Input>> {
             sequences.push(ids);
         }
         if sequences.is_empty() {
-            bail!("{}: no token ids (one sequence per line, ids separated by spaces)", path.display());
+            bail!(
+                "{}: no token ids (one sequence per line, ids separated by spaces)",
+                path.display()
+            );
         }
-        return Ok(Some(Input::Ids { path: path.clone(), sequences }));
+        return Ok(Some(Input::Ids {
+            path: path.clone(),
+            sequences,
+        }));
     }
     let Some(name) = &args.text else {
         return Ok(None);
     };
     let mut text = String::new();
     if name == "-" {
-        std::io::stdin().lock().read_to_string(&mut text).context("reading the text from stdin")?;
+        std::io::stdin()
+            .lock()
+            .read_to_string(&mut text)
+            .context("reading the text from stdin")?;
     } else {
         data::resolve(name)?
             .open()?
@@ -277,7 +319,10 @@ fn read_input(args: &EvalArgs, loaded: &Loaded) -> Result<Option<Input>> {
     if text.trim().is_empty() {
         bail!("{name}: the text is empty; give a text with at least two tokens");
     }
-    Ok(Some(Input::Text { name: name.clone(), text }))
+    Ok(Some(Input::Text {
+        name: name.clone(),
+        text,
+    }))
 }
 
 /// Scores the input; `keep` keeps every prediction.
@@ -285,18 +330,29 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
     match loaded {
         Loaded::Transformer { model, .. } => {
             let bos = model.config().bos_token_id;
-            let context = args.context.unwrap_or(model.config().max_position_embeddings);
+            let context = args
+                .context
+                .unwrap_or(model.config().max_position_embeddings);
             let stride = args.stride.unwrap_or(context);
             let (sequences, texts): (Vec<(String, Vec<u32>)>, Vec<String>) = match input {
-                Input::Text { name, text } => {
-                    (vec![(name.clone(), loaded.encode(text, name)?)], vec![text.clone()])
-                }
+                Input::Text { name, text } => (
+                    vec![(name.clone(), loaded.encode(text, name)?)],
+                    vec![text.clone()],
+                ),
                 Input::Ids { path, sequences } => {
-                    let texts = sequences.iter().map(|ids| loaded.decode(ids)).collect::<Result<_>>()?;
+                    let texts = sequences
+                        .iter()
+                        .map(|ids| loaded.decode(ids))
+                        .collect::<Result<_>>()?;
                     let named = sequences
                         .iter()
                         .enumerate()
-                        .map(|(i, ids)| (format!("{}: sequence {}", path.display(), i + 1), ids.clone()))
+                        .map(|(i, ids)| {
+                            (
+                                format!("{}: sequence {}", path.display(), i + 1),
+                                ids.clone(),
+                            )
+                        })
                         .collect();
                     (named, texts)
                 }
@@ -313,7 +369,8 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
                         sequence.len()
                     );
                 }
-                let rows = eval::rolling_predictions(model, &sequence, context, stride, args.batch_size)?;
+                let rows =
+                    eval::rolling_predictions(model, &sequence, context, stride, args.batch_size)?;
                 logprobs.extend(rows.iter().map(|p| p.logprob));
                 if keep {
                     predictions.extend(rows);
@@ -321,7 +378,11 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
             }
             let words = texts.iter().map(|t| word_count(t)).sum();
             let bytes = texts.iter().map(String::len).sum();
-            Ok(Scored { perplexity: Perplexity::from_logprobs(&logprobs, words, bytes)?, predictions, ngram: None })
+            Ok(Scored {
+                perplexity: Perplexity::from_logprobs(&logprobs, words, bytes)?,
+                predictions,
+                ngram: None,
+            })
         }
         Loaded::Ngram { model, words } => {
             let text = match input {
@@ -329,7 +390,8 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
                 Input::Ids { sequences, .. } => sequences
                     .iter()
                     .map(|ids| {
-                        let line: Vec<&str> = ids.iter().map(|&id| words[id as usize].as_str()).collect();
+                        let line: Vec<&str> =
+                            ids.iter().map(|&id| words[id as usize].as_str()).collect();
                         line.join(" ") + "\n"
                     })
                     .collect(),
@@ -352,7 +414,11 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
                 "log10_prob": query.log10_prob,
                 "perplexity_excl_oov": query.perplexity_excl_oov,
             });
-            Ok(Scored { perplexity, predictions, ngram: Some(ngram) })
+            Ok(Scored {
+                perplexity,
+                predictions,
+                ngram: Some(ngram),
+            })
         }
     }
 }
@@ -377,24 +443,38 @@ fn ngram_predictions(model: &NgramModel, text: &str, top: bool) -> Result<Vec<Pr
             let (top_id, top_logprob) = match top {
                 true => {
                     let row = model.next_logprobs(std::slice::from_ref(&state))?;
-                    row[0].iter().enumerate().fold((0u32, f32::NEG_INFINITY), |best, (i, &lp)| {
-                        if lp > best.1 {
-                            (i as u32, lp)
-                        } else {
-                            best
-                        }
-                    })
+                    row[0]
+                        .iter()
+                        .enumerate()
+                        .fold((0u32, f32::NEG_INFINITY), |best, (i, &lp)| {
+                            if lp > best.1 {
+                                (i as u32, lp)
+                            } else {
+                                best
+                            }
+                        })
                 }
                 false => (id, logprob),
             };
-            predictions.push(Prediction { logprob, top_logprob, top_id, target: id });
+            predictions.push(Prediction {
+                logprob,
+                top_logprob,
+                top_id,
+                target: id,
+            });
             model.advance(&mut state, id)?;
         }
     }
     Ok(predictions)
 }
 
-fn add_perplexity(report: &mut Value, out: &mut String, scored: &Scored, loaded: &Loaded, per_token: bool) {
+fn add_perplexity(
+    report: &mut Value,
+    out: &mut String,
+    scored: &Scored,
+    loaded: &Loaded,
+    per_token: bool,
+) {
     let ppl = &scored.perplexity;
     report["tokens"] = json!(ppl.tokens);
     report["words"] = json!(ppl.words);
@@ -406,13 +486,31 @@ fn add_perplexity(report: &mut Value, out: &mut String, scored: &Scored, loaded:
     report["bits_per_byte"] = json!(ppl.bits_per_byte);
     let mut table = Table::new(&["perplexity", ""]);
     table.row(&["tokens scored".to_string(), ppl.tokens.to_string()]);
-    table.row(&["words / bytes".to_string(), format!("{} / {}", ppl.words, ppl.bytes)]);
-    table.row(&["log-likelihood (nats)".to_string(), format!("{:.4}", -ppl.total_nll)]);
-    table.row(&["cross-entropy (nats/token)".to_string(), format!("{:.6}", ppl.mean_nll)]);
+    table.row(&[
+        "words / bytes".to_string(),
+        format!("{} / {}", ppl.words, ppl.bytes),
+    ]);
+    table.row(&[
+        "log-likelihood (nats)".to_string(),
+        format!("{:.4}", -ppl.total_nll),
+    ]);
+    table.row(&[
+        "cross-entropy (nats/token)".to_string(),
+        format!("{:.6}", ppl.mean_nll),
+    ]);
     table.row(&["perplexity".to_string(), format!("{:.6}", ppl.perplexity)]);
-    table.row(&["cross-entropy (nats/word)".to_string(), format!("{:.6}", ppl.total_nll / ppl.words as f64)]);
-    table.row(&["word perplexity".to_string(), format!("{:.4}", ppl.word_perplexity)]);
-    table.row(&["bits per byte".to_string(), format!("{:.6}", ppl.bits_per_byte)]);
+    table.row(&[
+        "cross-entropy (nats/word)".to_string(),
+        format!("{:.6}", ppl.total_nll / ppl.words as f64),
+    ]);
+    table.row(&[
+        "word perplexity".to_string(),
+        format!("{:.4}", ppl.word_perplexity),
+    ]);
+    table.row(&[
+        "bits per byte".to_string(),
+        format!("{:.6}", ppl.bits_per_byte),
+    ]);
     if let Some(ngram) = &scored.ngram {
         for (key, value) in ngram.as_object().into_iter().flatten() {
             report[key] = value.clone();
@@ -421,10 +519,19 @@ fn add_perplexity(report: &mut Value, out: &mut String, scored: &Scored, loaded:
     }
     out.push_str(&table.render());
     if per_token {
-        report["logprobs"] = scored.predictions.iter().map(|p| json!(p.logprob)).collect();
+        report["logprobs"] = scored
+            .predictions
+            .iter()
+            .map(|p| json!(p.logprob))
+            .collect();
         let targets: Vec<u32> = scored.predictions.iter().map(|p| p.target).collect();
         out.push_str("\nposition\ttoken\tlogprob\n");
-        for (i, (p, piece)) in scored.predictions.iter().zip(loaded.pieces(&targets)).enumerate() {
+        for (i, (p, piece)) in scored
+            .predictions
+            .iter()
+            .zip(loaded.pieces(&targets))
+            .enumerate()
+        {
             out.push_str(&format!("{i}\t{piece:?}\t{}\n", p.logprob));
         }
     }
@@ -443,7 +550,11 @@ fn add_calibration(report: &mut Value, out: &mut String, calibration: &Calibrati
         .collect();
     out.push_str(&format!(
         "\n{title}: {} predictions, accuracy {:.4}, mean confidence {:.4}, ECE {:.6}, MCE {:.6}\n",
-        calibration.samples, calibration.accuracy, calibration.confidence, calibration.ece, calibration.mce
+        calibration.samples,
+        calibration.accuracy,
+        calibration.confidence,
+        calibration.ece,
+        calibration.mce
     ));
     let mut table = Table::new(&["bin", "count", "accuracy", "confidence", "gap"]);
     for bin in calibration.bins.iter().filter(|b| b.count > 0) {
@@ -476,20 +587,44 @@ fn add_efficiency(report: &mut Value, out: &mut String, e: &eval::Efficiency) {
         "latency_p90_seconds": p90,
         "latency_p99_seconds": p99,
     });
-    let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64));
-    let pm = |s: &eval::Stat, scale: f64, unit: &str| format!("{:.3} ± {:.3} {unit}", s.mean * scale, s.std * scale);
+    let mib = |b: Option<u64>| {
+        b.map_or("n/a".to_string(), |b| {
+            format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+        })
+    };
+    let pm = |s: &eval::Stat, scale: f64, unit: &str| {
+        format!("{:.3} ± {:.3} {unit}", s.mean * scale, s.std * scale)
+    };
     let mut table = Table::new(&["efficiency", ""]);
     table.row(&["load time".to_string(), format!("{:.3} s", e.load_seconds)]);
-    table.row(&["resident memory after load".to_string(), mib(e.rss_after_load)]);
+    table.row(&[
+        "resident memory after load".to_string(),
+        mib(e.rss_after_load),
+    ]);
     table.row(&["peak resident memory".to_string(), mib(e.peak_rss)]);
     table.row(&[
         "runs".to_string(),
-        format!("{} x (prompt {} + generate {})", e.settings.repeats, e.settings.prompt_tokens, e.settings.gen_tokens),
+        format!(
+            "{} x (prompt {} + generate {})",
+            e.settings.repeats, e.settings.prompt_tokens, e.settings.gen_tokens
+        ),
     ]);
-    table.row(&["time to first token".to_string(), pm(&e.time_to_first_token, 1e3, "ms")]);
-    table.row(&["time to last token".to_string(), pm(&e.time_to_last_token, 1e3, "ms")]);
-    table.row(&["prompt tokens/s".to_string(), pm(&e.prompt_tokens_per_second, 1.0, "")]);
-    table.row(&["generation tokens/s".to_string(), pm(&e.gen_tokens_per_second, 1.0, "")]);
+    table.row(&[
+        "time to first token".to_string(),
+        pm(&e.time_to_first_token, 1e3, "ms"),
+    ]);
+    table.row(&[
+        "time to last token".to_string(),
+        pm(&e.time_to_last_token, 1e3, "ms"),
+    ]);
+    table.row(&[
+        "prompt tokens/s".to_string(),
+        pm(&e.prompt_tokens_per_second, 1.0, ""),
+    ]);
+    table.row(&[
+        "generation tokens/s".to_string(),
+        pm(&e.gen_tokens_per_second, 1.0, ""),
+    ]);
     table.row(&[
         "per-token latency p50/p90/p99".to_string(),
         format!("{:.3} / {:.3} / {:.3} ms", p50 * 1e3, p90 * 1e3, p99 * 1e3),
@@ -499,7 +634,12 @@ fn add_efficiency(report: &mut Value, out: &mut String, e: &eval::Efficiency) {
 }
 
 /// The prompt of --efficiency: the start of the input, else seeded random ids.
-fn efficiency_prompt(loaded: &Loaded, input: Option<&Input>, args: &EvalArgs, seed: u64) -> Result<Vec<u32>> {
+fn efficiency_prompt(
+    loaded: &Loaded,
+    input: Option<&Input>,
+    args: &EvalArgs,
+    seed: u64,
+) -> Result<Vec<u32>> {
     let n = args.prompt_tokens;
     let ids = match input {
         Some(Input::Text { name, text }) => loaded.encode(text, name)?,
@@ -541,7 +681,10 @@ fn compare(ctx: &Context, args: &EvalArgs) -> Result<()> {
             .collect();
         return ctx.print_json(&json!({ "models": models }));
     }
-    write!(std::io::stdout().lock(), "{}", eval::table::compare(&rows).render())?;
+    write!(
+        std::io::stdout().lock(),
+        "{}",
+        eval::table::compare(&rows).render()
+    )?;
     Ok(())
 }
-

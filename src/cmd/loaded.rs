@@ -352,9 +352,10 @@ impl WindowScorer for Transformer {
         let ids = Tensor::from_vec(flat, (b, t), self.device())?; // (b, t)
         // Only the rows that predict a scored token: the context part of a window
         // conditions but is not normalised.
+        // The last row predicts past the window: take n + 1 and drop it.
         let logits = self
-            .forward(&ids)?
-            .narrow(1, from - 1, n)?
+            .forward_tail(&ids, n + 1)?
+            .narrow(1, 0, n)?
             .to_dtype(DType::F32)?
             .contiguous()?; // (b, n, vocab)
         let max = logits.max_keepdim(D::Minus1)?; // (b, n, 1)

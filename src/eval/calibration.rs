@@ -46,7 +46,9 @@ impl Calibration {
     /// Measures `(confidence, correct)` pairs over `bins` equal-width bins.
     pub fn new(samples: impl IntoIterator<Item = (f64, bool)>, bins: usize) -> Result<Self> {
         if bins == 0 {
-            return Err(Error::Invalid("--bins 0: calibration needs at least one bin".into()));
+            return Err(Error::Invalid(
+                "--bins 0: calibration needs at least one bin".into(),
+            ));
         }
         let mut counts = vec![0usize; bins];
         let mut correct = vec![0usize; bins];
@@ -64,7 +66,9 @@ impl Calibration {
         }
         let total: usize = counts.iter().sum();
         if total == 0 {
-            return Err(Error::Invalid("calibration needs at least one prediction".into()));
+            return Err(Error::Invalid(
+                "calibration needs at least one prediction".into(),
+            ));
         }
         let mut ece = 0.0;
         let mut mce = 0.0f64;
@@ -115,7 +119,14 @@ mod tests {
         // (0.6, 0.8]: 0.7 right, 0.8 wrong -> acc 0.5, conf 0.75, gap 0.25.
         // (0.8, 1.0]: 0.9 right, 0.95 right, 1.0 wrong -> acc 2/3, conf 0.95, gap 0.28333.
         // ECE = (1 * 0.3 + 2 * 0.25 + 3 * 0.283333) / 6 = 1.65 / 6 = 0.275; MCE = 0.3.
-        let pairs = [(0.3, false), (0.7, true), (0.8, false), (0.9, true), (0.95, true), (1.0, false)];
+        let pairs = [
+            (0.3, false),
+            (0.7, true),
+            (0.8, false),
+            (0.9, true),
+            (0.95, true),
+            (1.0, false),
+        ];
         let cal = Calibration::new(pairs, 5).unwrap();
         assert!((cal.ece - 0.275).abs() < 1e-12, "{}", cal.ece);
         assert!((cal.mce - 0.3).abs() < 1e-12, "{}", cal.mce);

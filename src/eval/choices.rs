@@ -72,7 +72,10 @@ pub fn parse_items(text: &str, path: &Path) -> Result<Vec<Item>> {
         items.push(parse_item(&value, line_number).map_err(fail)?);
     }
     if items.is_empty() {
-        return Err(Error::Invalid(format!("{}: no multiple-choice items", path.display())));
+        return Err(Error::Invalid(format!(
+            "{}: no multiple-choice items",
+            path.display()
+        )));
     }
     Ok(items)
 }
@@ -98,7 +101,11 @@ fn parse_item(value: &Value, line: usize) -> std::result::Result<Item, String> {
                     .map(|f| f.as_str().map(str::to_string))
                     .collect::<Option<_>>()
                     .ok_or(format!("choice {i}: every form must be a string"))?,
-                _ => return Err(format!("choice {i}: expected a string or a list of strings")),
+                _ => {
+                    return Err(format!(
+                        "choice {i}: expected a string or a list of strings"
+                    ))
+                }
             };
             match forms.is_empty() {
                 true => Err(format!("choice {i} has no form")),
@@ -114,14 +121,22 @@ fn parse_item(value: &Value, line: usize) -> std::result::Result<Item, String> {
             .as_u64()
             .map(|n| n as usize)
             .filter(|&n| n < choices.len())
-            .ok_or(format!("`answer` {n} is not a choice index (0..{})", choices.len()))?,
+            .ok_or(format!(
+                "`answer` {n} is not a choice index (0..{})",
+                choices.len()
+            ))?,
         Some(Value::String(form)) => choices
             .iter()
             .position(|forms| forms.contains(form))
             .ok_or(format!("`answer` {form:?} is none of the choices' forms"))?,
         _ => return Err("`answer` must be a choice index or one of the forms".into()),
     };
-    Ok(Item { line, prompt, choices, answer })
+    Ok(Item {
+        line,
+        prompt,
+        choices,
+        answer,
+    })
 }
 
 /// Scores every item with `logprob(prompt, form)` = log p(form | prompt) in nats and
@@ -142,18 +157,36 @@ pub fn score_items(
             choice_logprobs.push(log_sum_exp(&form_logprobs));
         }
         let total = log_sum_exp(&choice_logprobs);
-        let probabilities: Vec<f64> = choice_logprobs.iter().map(|lp| (lp - total).exp()).collect();
-        let predicted = probabilities
+        let probabilities: Vec<f64> = choice_logprobs
             .iter()
-            .enumerate()
-            .fold(0, |best, (i, &p)| if p > probabilities[best] { i } else { best });
-        scores.push(ItemScore { probabilities, predicted, answer: item.answer });
+            .map(|lp| (lp - total).exp())
+            .collect();
+        let predicted = probabilities.iter().enumerate().fold(0, |best, (i, &p)| {
+            if p > probabilities[best] {
+                i
+            } else {
+                best
+            }
+        });
+        scores.push(ItemScore {
+            probabilities,
+            predicted,
+            answer: item.answer,
+        });
     }
     let calibration = Calibration::new(
-        scores.iter().map(|s| (s.probabilities[s.predicted].clamp(0.0, 1.0), s.predicted == s.answer)),
+        scores.iter().map(|s| {
+            (
+                s.probabilities[s.predicted].clamp(0.0, 1.0),
+                s.predicted == s.answer,
+            )
+        }),
         bins,
     )?;
-    Ok(AnswerReport { items: scores, calibration })
+    Ok(AnswerReport {
+        items: scores,
+        calibration,
+    })
 }
 
 /// log(sum(exp(x))) without overflow; -inf for an empty or all -inf list.
@@ -184,7 +217,10 @@ mod tests {
         })
         .unwrap();
         let p = &report.items[0].probabilities;
-        assert!((p[0] - 0.75).abs() < 1e-12 && (p[1] - 0.25).abs() < 1e-12, "{p:?}");
+        assert!(
+            (p[0] - 0.75).abs() < 1e-12 && (p[1] - 0.25).abs() < 1e-12,
+            "{p:?}"
+        );
         assert_eq!(report.items[0].predicted, 0);
         // One item at confidence 0.75, right: the gap is 0.25.
         assert!((report.calibration.ece - 0.25).abs() < 1e-12);
@@ -192,12 +228,18 @@ mod tests {
 
     #[test]
     fn a_malformed_line_is_named() {
-        let text = "{\"prompt\": \"a\", \"choices\": [\"x\", \"y\"], \"answer\": 1}\n\n{\"prompt\": 3}\n";
-        let err = parse_items(text, Path::new("items.jsonl")).unwrap_err().to_string();
-        assert!(err.starts_with("items.jsonl:3: "), "{err}");
-        let err = parse_items("{\"prompt\": \"a\", \"choices\": [\"x\", \"y\"], \"answer\": 2}", Path::new("f"))
+        let text =
+            "{\"prompt\": \"a\", \"choices\": [\"x\", \"y\"], \"answer\": 1}\n\n{\"prompt\": 3}\n";
+        let err = parse_items(text, Path::new("items.jsonl"))
             .unwrap_err()
             .to_string();
+        assert!(err.starts_with("items.jsonl:3: "), "{err}");
+        let err = parse_items(
+            "{\"prompt\": \"a\", \"choices\": [\"x\", \"y\"], \"answer\": 2}",
+            Path::new("f"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("f:1:") && err.contains("answer"), "{err}");
         assert!(parse_items("not json", Path::new("f")).is_err());
     }

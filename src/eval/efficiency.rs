@@ -38,7 +38,10 @@ impl Stat {
     pub fn of(values: &[f64]) -> Stat {
         let n = values.len() as f64;
         if values.is_empty() {
-            return Stat { mean: f64::NAN, std: f64::NAN };
+            return Stat {
+                mean: f64::NAN,
+                std: f64::NAN,
+            };
         }
         let mean = values.iter().sum::<f64>() / n;
         let std = match values.len() {
@@ -83,10 +86,14 @@ pub fn measure<M: LanguageModel>(
     rss_after_load: Option<u64>,
 ) -> Result<Efficiency> {
     if settings.repeats == 0 {
-        return Err(Error::Invalid("--repeats 0: measure at least one run".into()));
+        return Err(Error::Invalid(
+            "--repeats 0: measure at least one run".into(),
+        ));
     }
     if prompt.is_empty() {
-        return Err(Error::Invalid("--prompt-tokens 0: the prompt needs at least one token".into()));
+        return Err(Error::Invalid(
+            "--prompt-tokens 0: the prompt needs at least one token".into(),
+        ));
     }
     run_once(model, prompt, settings.gen_tokens.min(2))?; // warm-up
     let mut first = Vec::new();
@@ -141,16 +148,28 @@ fn run_once<M: LanguageModel>(model: &M, prompt: &[u32], gen_tokens: usize) -> R
         token = argmax(&model.next_logprobs(std::slice::from_ref(&state))?)?;
         steps.push(step.elapsed().as_secs_f64());
     }
-    Ok(Run { prefill, first_token, steps })
+    Ok(Run {
+        prefill,
+        first_token,
+        steps,
+    })
 }
 
 /// The most likely token of the first row.
 fn argmax(rows: &[Vec<f32>]) -> Result<u32> {
-    let row = rows.first().ok_or_else(|| Error::Invalid("the model returned no row".into()))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::Invalid("the model returned no row".into()))?;
     let best = row
         .iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &lp)| if lp > best.1 { (i, lp) } else { best });
+        .fold((0, f32::NEG_INFINITY), |best, (i, &lp)| {
+            if lp > best.1 {
+                (i, lp)
+            } else {
+                best
+            }
+        });
     Ok(best.0 as u32)
 }
 
@@ -167,8 +186,15 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// `None` where the file does not exist.
 pub fn memory(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
-    let kib: u64 = line[field.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
+    let kib: u64 = line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kib * 1024)
 }
 

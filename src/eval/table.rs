@@ -12,19 +12,29 @@ pub struct Table {
 impl Table {
     /// A table with a header row.
     pub fn new<S: ToString>(header: &[S]) -> Table {
-        Table { rows: vec![header.iter().map(ToString::to_string).collect()] }
+        Table {
+            rows: vec![header.iter().map(ToString::to_string).collect()],
+        }
     }
 
     /// Appends a row.
     pub fn row<S: ToString>(&mut self, cells: &[S]) {
-        self.rows.push(cells.iter().map(ToString::to_string).collect());
+        self.rows
+            .push(cells.iter().map(ToString::to_string).collect());
     }
 
     /// The table as aligned lines, the header underlined.
     pub fn render(&self) -> String {
         let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..columns)
-            .map(|c| self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         let mut out = String::new();
         for (i, row) in self.rows.iter().enumerate() {
@@ -82,6 +92,9 @@ mod tests {
         let mut table = Table::new(&["model", "ppl"]);
         table.row(&["a", "10.5"]);
         table.row(&["longer", "3"]);
-        assert_eq!(table.render(), "model    ppl\n------  ----\na       10.5\nlonger     3\n");
+        assert_eq!(
+            table.render(),
+            "model    ppl\n------  ----\na       10.5\nlonger     3\n"
+        );
     }
 }

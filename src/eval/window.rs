@@ -45,7 +45,11 @@ pub fn windows(len: usize, context: usize, stride: usize) -> Result<Vec<Window>>
         let end = (start + context).min(len);
         let scored_from = scored_to.max(start + 1);
         if end > scored_from {
-            plan.push(Window { start, end, scored_from });
+            plan.push(Window {
+                start,
+                end,
+                scored_from,
+            });
             scored_to = end;
         }
         start += stride;
@@ -122,8 +126,14 @@ mod tests {
         for (len, context, stride) in [(10, 4, 2), (11, 5, 3), (3, 8, 7), (9, 3, 1)] {
             let plan = windows(len, context, stride).unwrap();
             let scored: Vec<usize> = plan.iter().flat_map(|w| w.scored_from..w.end).collect();
-            assert_eq!(scored, (1..len).collect::<Vec<_>>(), "{len} {context} {stride}");
-            assert!(plan.iter().all(|w| w.end - w.start <= context && w.scored_from > w.start));
+            assert_eq!(
+                scored,
+                (1..len).collect::<Vec<_>>(),
+                "{len} {context} {stride}"
+            );
+            assert!(plan
+                .iter()
+                .all(|w| w.end - w.start <= context && w.scored_from > w.start));
         }
     }
 
@@ -133,7 +143,10 @@ mod tests {
         // trg_len = end - prev_end; the loop stops once end reaches the length.
         let plan = windows(10, 4, 2).unwrap();
         let expected = [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)];
-        let got: Vec<_> = plan.iter().map(|w| (w.start, w.end, w.scored_from)).collect();
+        let got: Vec<_> = plan
+            .iter()
+            .map(|w| (w.start, w.end, w.scored_from))
+            .collect();
         assert_eq!(got, expected);
         let context: Vec<f32> = rolling_predictions(&ContextLength, &[0; 10], 4, 2, 3)
             .unwrap()
@@ -146,7 +159,10 @@ mod tests {
     #[test]
     fn stride_equal_to_context_is_non_overlapping_chunks() {
         let plan = windows(10, 4, 4).unwrap();
-        let got: Vec<_> = plan.iter().map(|w| (w.start, w.end, w.scored_from)).collect();
+        let got: Vec<_> = plan
+            .iter()
+            .map(|w| (w.start, w.end, w.scored_from))
+            .collect();
         assert_eq!(got, [(0, 4, 1), (4, 8, 5), (8, 10, 9)]);
     }
 

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, IndexOp, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::attention::KvCache;
 use super::transformer::Transformer;
@@ -98,27 +98,26 @@ impl Transformer {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        for &token in tokens {
-            self.check_token(token)?;
-        }
-        let mut input = Vec::with_capacity(tokens.len() + 1);
-        if state.kv_cache.is_empty() {
-            input.extend(self.config().bos_token_id);
-        }
-        input.extend_from_slice(tokens);
-        let n = input.len();
-        let ids = Tensor::from_vec(input, (1, n), self.device())?; // (1, n)
-        let logits = self.forward_step(&ids, &mut state.kv_cache)?; // (1, n, vocab)
-        // The rows after each of `tokens` (not after a BOS we prepended).
-        let logits = logits.squeeze(0)?.narrow(0, n - tokens.len(), tokens.len())?; // (t, vocab)
+        let logits = self.feed_tail(state, tokens, tokens.len())?; // (t, vocab)
         let rows = log_softmax_rows(&logits)?;
-        state.tokens.extend_from_slice(tokens);
         state.next_logprobs = rows.last().map(|row| row.as_slice().into());
         Ok(rows)
     }
 
     /// Runs `tokens` through the model after `state`, keeping the last row.
     fn feed(&self, state: &mut TransformerState, tokens: &[u32]) -> Result<()> {
+        let last = self.feed_tail(state, tokens, 1)?; // (1, vocab)
+        let row = log_softmax_rows(&last)?
+            .pop()
+            .expect("one row per batch entry");
+        state.next_logprobs = Some(row.into());
+        Ok(())
+    }
+
+    /// Runs `tokens` (not empty) through the model after `state`, with a BOS first on an
+    /// empty cache, and returns the logits (keep, vocab) after each of the last `keep`
+    /// tokens; the output projection runs on those rows only.
+    fn feed_tail(&self, state: &mut TransformerState, tokens: &[u32], keep: usize) -> Result<Tensor> {
         for &token in tokens {
             self.check_token(token)?;
         }
@@ -129,14 +128,9 @@ impl Transformer {
         input.extend_from_slice(tokens);
         let n = input.len();
         let ids = Tensor::from_vec(input, (1, n), self.device())?; // (1, n)
-        let logits = self.forward_step(&ids, &mut state.kv_cache)?; // (1, n, vocab)
-        let last = logits.i((.., n - 1, ..))?; // (1, vocab)
-        let row = log_softmax_rows(&last)?
-            .pop()
-            .expect("one row per batch entry");
+        let logits = self.forward_step_tail(&ids, &mut state.kv_cache, keep)?; // (1, keep, vocab)
         state.tokens.extend_from_slice(tokens);
-        state.next_logprobs = Some(row.into());
-        Ok(())
+        Ok(logits.squeeze(0)?)
     }
 
     /// The distribution of the first token: after BOS, or uniform without one.

@@ -83,6 +83,18 @@ fn logits_match_transformers() {
 }
 
 #[test]
+fn tail_logits_match_transformers_last_rows() {
+    let reference = reference();
+    let model = fixture_model();
+    let input = ids(&reference, "input_ids");
+    let t = input.dims()[1];
+    let tail = model.forward_tail(&input, 5).unwrap();
+    let expected = reference["logits"].narrow(1, t - 5, 5).unwrap();
+    assert!(max_abs_diff(&tail, &expected) < 1e-4);
+    assert!(model.forward_tail(&input, t + 1).is_err());
+}
+
+#[test]
 fn next_token_logprobs_match_transformers() {
     let reference = reference();
     let model = fixture_model();

@@ -139,19 +139,37 @@ impl Transformer {
 
     /// Logits (b, t, vocab) for every position of `ids` (b, t), without dropout.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        self.run(ids, None, None)
+        self.run(ids, None, None, None)
+    }
+
+    /// Logits (b, keep, vocab) for the last `keep` positions of `ids` (b, t) only: the
+    /// output projection, often the largest matrix, runs on those rows alone. Scoring
+    /// with a stride reads just the rows it scores.
+    pub fn forward_tail(&self, ids: &Tensor, keep: usize) -> Result<Tensor> {
+        self.run(ids, None, None, Some(keep))
     }
 
     /// Logits (b, t, vocab) with dropout drawn from `rng`: the training forward.
     pub fn forward_train(&self, ids: &Tensor, rng: &DropoutRng) -> Result<Tensor> {
-        self.run(ids, None, Some(rng))
+        self.run(ids, None, Some(rng), None)
     }
 
     /// Logits (b, t, vocab) for `ids` (b, t) following the positions already in
     /// `kv_cache`, whose keys and values it then holds too. Prefill a prompt with one
     /// call, then feed one token (b, 1) at a time.
     pub fn forward_step(&self, ids: &Tensor, kv_cache: &mut KvCache) -> Result<Tensor> {
-        self.run(ids, Some(kv_cache), None)
+        self.run(ids, Some(kv_cache), None, None)
+    }
+
+    /// As [`Transformer::forward_step`], but logits (b, keep, vocab) for the last `keep`
+    /// positions only: prefilling a prompt needs just the last row.
+    pub fn forward_step_tail(
+        &self,
+        ids: &Tensor,
+        kv_cache: &mut KvCache,
+        keep: usize,
+    ) -> Result<Tensor> {
+        self.run(ids, Some(kv_cache), None, Some(keep))
     }
 
     /// log p(ids[b, i+1] | ids[b, ..=i]) in nats, as f32: (b, t - 1).
@@ -174,6 +192,7 @@ impl Transformer {
         ids: &Tensor,
         mut kv_cache: Option<&mut KvCache>,
         rng: Option<&DropoutRng>,
+        keep: Option<usize>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2().map_err(|_| {
             Error::Invalid(format!(
@@ -213,6 +232,14 @@ impl Transformer {
         }
         if let Some(cache) = kv_cache {
             cache.advance(t);
+        }
+        if let Some(keep) = keep {
+            if keep == 0 || keep > t {
+                return Err(Error::Invalid(format!(
+                    "cannot keep the last {keep} of {t} positions"
+                )));
+            }
+            xs = xs.narrow(1, t - keep, keep)?; // (b, keep, c)
         }
         if let Some(norm) = &self.norm {
             xs = norm.forward(&xs)?;
