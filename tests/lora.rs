@@ -354,3 +354,38 @@ fn adapter_for_another_base_names_the_tensor_and_both_shapes() {
     assert!(err.contains(key), "{err}");
     assert!(err.contains("[4, 64]") && err.contains("[4, 128]"), "{err}");
 }
+
+#[test]
+fn eval_with_an_adapter_scores_as_the_merged_model_does() {
+    let sandbox = Sandbox::new();
+    let text = std::fs::read(shared().join("data/tinyshakespeare.txt")).unwrap();
+    sandbox.write("text.txt", &String::from_utf8_lossy(&text[..3000]));
+    let mean_nll = |model: &Path, adapter: Option<&Path>| -> f64 {
+        let mut cmd = sandbox.nlp();
+        cmd.args(["--json", "eval", "--perplexity", "text.txt", "-m"]).arg(model);
+        if let Some(adapter) = adapter {
+            cmd.arg("--adapter").arg(adapter);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        report["mean_nll"].as_f64().unwrap()
+    };
+    let merged = sandbox.path().join("merged");
+    let out = sandbox
+        .nlp()
+        .args(["lora", "merge", "--base"])
+        .arg(base_dir())
+        .arg("--adapter")
+        .arg(peft_dir())
+        .arg("-o")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let base = mean_nll(&base_dir(), None);
+    let adapted = mean_nll(&base_dir(), Some(&peft_dir()));
+    let folded = mean_nll(&merged, None);
+    assert!((adapted - folded).abs() / folded < 1e-5, "{adapted} vs merged {folded}");
+    assert!((adapted - base).abs() > 1e-4, "the adapter changed nothing: {adapted} vs {base}");
+}
