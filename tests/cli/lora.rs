@@ -3,8 +3,7 @@
 //! against hand-computed merges, and against the laws of LoRA (B = 0 leaves the model
 //! unchanged; merging does not change the outputs; only adapters train).
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,13 +1,11 @@
-//! Integration tests: run the `nlp` binary in temporary folders and check what a
-//! user sees — exit codes, one-line errors, and results on stdout.
+//! The foundation (help, flags, config layers, corpora), `nlp ngram` and `nlp bpe`
+//! from the command line.
 
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn help_lists_the_commands_and_exits_zero() {

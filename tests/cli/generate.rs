@@ -1,8 +1,7 @@
 //! `nlp generate` end to end: greedy and beam search against `transformers` on the tiny
 //! Llama fixture (`shared/fixtures/hf_tiny_llama`, see its README), the flags that shape
 //! the output, the laws that tie strategies together, and one-line errors.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::path::PathBuf;
 

@@ -3,8 +3,7 @@
 //! window, multiple-choice answers, efficiency and the comparison table, and one-line
 //! errors for bad input.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::path::PathBuf;
 

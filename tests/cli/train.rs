@@ -1,12 +1,10 @@
 //! `nlp train` from the command line: the model directory it writes, exact resumption
 //! after Ctrl-C, and one-line errors for bad configurations.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A model small enough to train hundreds of steps in seconds.
 const TINY: [&str; 22] = [
