@@ -21,6 +21,16 @@ fi
 THREADS="${THREADS:-1}"
 CORPUS="$SHARED/data/tinyshakespeare.txt"
 
+# As common.sh's `measure`, printing "seconds peak_kib user_seconds system_seconds".
+measure_cpu() {
+  /usr/bin/time -f "%e %M %U %S" -o "$OUT/time.txt" "$@" > "$OUT/last.log" 2>&1 || {
+    echo "benchmark command failed: $*" >&2
+    tail -5 "$OUT/last.log" >&2
+    return 1
+  }
+  cat "$OUT/time.txt"
+}
+
 build_nlp
 python_env torch numpy
 PY="$VENV/bin/python"
@@ -43,17 +53,25 @@ PYEOF
 
 echo "== shakespeare-char: dim 128, 4 layers, 4 heads, hidden 352, seq 64, batch 12, $STEPS steps, $THREADS thread(s)"
 rm -rf "$OUT/train-run"
-measure "${nlp_train[@]}" --set "train.steps=$STEPS" train "$CORPUS" -o "$OUT/train-run" > "$OUT/time-nlp-small.txt"
+measure_cpu "${nlp_train[@]}" --set "train.steps=$STEPS" train "$CORPUS" -o "$OUT/train-run" > "$OUT/time-nlp-small.txt"
 cp "$OUT/last.log" "$OUT/nlp-small.json"
-measure "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" --steps "$STEPS" \
+measure_cpu "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" --steps "$STEPS" \
   --threads "$THREADS" > "$OUT/time-torch-small.txt"
 cp "$OUT/last.log" "$OUT/torch-small.json"
+# CPU seconds (user + system) of a whole run, start-up and evaluation included: on a
+# shared machine the wall-clock tokens/s above it swings with the load, this far less.
+cpu_seconds() { awk '{ print $3 + $4 }' "$1"; }
+tokens=$((STEPS * 12 * 64))
+nlp_cpu=$(cpu_seconds "$OUT/time-nlp-small.txt")
+torch_cpu=$(cpu_seconds "$OUT/time-torch-small.txt")
 nlp_val=$(json_field final_val_loss "$OUT/nlp-small.json")
 nlp_tps=$(json_field tokens_per_s "$OUT/nlp-small.json")
 torch_val=$(json_field val_loss "$OUT/torch-small.json")
 torch_tps=$(json_field tokens_per_s "$OUT/torch-small.json")
 printf "%-8s val loss %.4f  train tokens/s %8.0f\n" nlp "$nlp_val" "$nlp_tps" PyTorch "$torch_val" "$torch_tps"
 echo "tokens/s ratio nlp/PyTorch: $(ratio "$nlp_tps" "$torch_tps")"
+printf "whole run, tokens per CPU second: nlp %.0f, PyTorch %.0f, ratio %s\n" \
+  "$(ratio "$tokens" "$nlp_cpu")" "$(ratio "$tokens" "$torch_cpu")" "$(ratio "$torch_cpu" "$nlp_cpu")"
 
 echo "== large: dim 384, 6 layers, 6 heads, hidden 1024, seq 256, batch 16, $LARGE_STEPS steps"
 large=(--set model.dim=384 --set model.n_layers=6 --set model.n_heads=6 --set model.hidden=1024
