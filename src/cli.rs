@@ -82,7 +82,7 @@ pub enum Command {
     /// Decode from a model directory or an n-gram model: greedy, sampling (temperature,
     /// top-k, top-p, epsilon, ...), beam family, contrastive, MBR, speculative,
     /// self-consistency, discriminators (discard, FUDGE), interactive.
-    Generate(crate::cmd::generate::GenerateArgs),
+    Generate(Box<crate::cmd::generate::GenerateArgs>),
     /// Evaluate a model directory or an n-gram model: perplexity and bits per byte
     /// (sliding windows for long texts), calibration (ECE, MCE, reliability diagram,
     /// multiple-choice answers), efficiency (memory, latency, throughput), or several

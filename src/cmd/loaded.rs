@@ -19,7 +19,7 @@ use crate::tokenize::{self, AnyTokenizer, Tokenizer};
 /// How a transformer directory's text maps to ids.
 pub enum Codec {
     /// A `tokenizer.json` that `tokenize::load_json` reads.
-    Tokenizer(AnyTokenizer),
+    Tokenizer(Box<AnyTokenizer>),
     /// A character-level WordLevel `tokenizer.json` (one piece per character, as
     /// `transformers` writes for char models), which `load_json` does not read.
     Chars(CharVocab),
@@ -83,7 +83,7 @@ impl CharVocab {
 impl Codec {
     pub fn load(path: &Path) -> Result<Codec> {
         match tokenize::load_json(path) {
-            Ok(tokenizer) => Ok(Codec::Tokenizer(tokenizer)),
+            Ok(tokenizer) => Ok(Codec::Tokenizer(Box::new(tokenizer))),
             Err(error) => match CharVocab::load(path) {
                 Some(chars) => Ok(Codec::Chars(chars)),
                 None => Err(error.into()),

@@ -83,7 +83,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Bpe(command)) => bpe::run(&ctx, command),
         Some(Command::Ngram(command)) => ngram::run(&ctx, command),
         Some(Command::Train(args)) => train::run(&ctx, args),
-        Some(Command::Generate(args)) => generate::run(&ctx, args),
+        Some(Command::Generate(args)) => generate::run(&ctx, *args),
         Some(Command::Eval(args)) => eval::run(&ctx, args),
         Some(Command::Lora(command)) => lora::run(&ctx, command),
         Some(Command::Info) => info::run(&ctx),

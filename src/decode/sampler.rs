@@ -57,7 +57,8 @@ pub fn sample(logits: &[f32], rng: &mut Rng) -> Result<u32> {
 /// A draw from (unnormalised, non-negative) weights.
 pub fn sample_probs(weights: &[f64], rng: &mut Rng) -> Result<u32> {
     let total: f64 = weights.iter().filter(|w| w.is_finite()).sum();
-    if !(total > 0.0) {
+    // NaN or zero: nothing can be drawn.
+    if total.is_nan() || total <= 0.0 {
         return Err(nothing_left());
     }
     let target = rng.next_f64() * total;
