@@ -17,6 +17,7 @@ pub mod lora;
 pub mod model;
 pub mod ngram;
 pub mod progress;
+pub mod rng;
 pub mod tokenize;
 pub mod train;
 

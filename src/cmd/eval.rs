@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::loaded::Loaded;
 use super::Context;
 use crate::data;
-use crate::decode::Rng;
+use crate::rng::SplitMix64;
 use crate::eval::{
     self, calibration::Calibration, choices, efficiency, perplexity::word_count, table::Table,
     EfficiencySettings, Perplexity, Prediction,
@@ -645,7 +645,7 @@ fn efficiency_prompt(
         Some(Input::Text { name, text }) => loaded.encode(text, name)?,
         Some(Input::Ids { sequences, .. }) => sequences.concat(),
         None => {
-            let mut rng = Rng::new(seed);
+            let mut rng = SplitMix64::new(seed);
             let vocab = loaded.vocab_size() as u64;
             (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect()
         }

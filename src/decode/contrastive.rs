@@ -10,7 +10,7 @@
 //! The amateur is any second [`LanguageModel`] over the same token ids: a smaller
 //! transformer or an n-gram model.
 
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use super::sample::processed_logprob;
 use super::{check_same_vocab, DecodeSettings, Generation};
 use crate::lm::LanguageModel;
@@ -76,7 +76,7 @@ pub fn contrastive<E: LanguageModel, A: LanguageModel>(
     let amateur_start = amateur.prefill(prompt)?;
     let mut out = Vec::with_capacity(num_samples);
     for index in 0..num_samples {
-        let mut rng = Rng::for_sample(settings.seed, index as u64);
+        let mut rng = SplitMix64::for_sample(settings.seed, index as u64);
         let mut e_state = expert_start.clone();
         let mut a_state = amateur_start.clone();
         let mut tokens = prompt.to_vec();

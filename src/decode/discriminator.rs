@@ -23,7 +23,7 @@
 //!   because P(attribute | prefix + c) needs only both models' log-probabilities of c.
 
 use super::processors::log_softmax_in_place;
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use super::sample::{generate_streaming, processed_logprob};
 use super::{check_same_vocab, DecodeSettings, Generation};
 use crate::lm::LanguageModel;
@@ -128,7 +128,7 @@ struct Running<S, T> {
     /// Σ (log p_disc − log p_model) over the generated tokens.
     log_ratio: f64,
     score: f32,
-    rng: Rng,
+    rng: SplitMix64,
 }
 
 /// FUDGE: `num_samples` continuations where each step's distribution (after the
@@ -158,7 +158,7 @@ pub fn fudge<M: LanguageModel, D: LanguageModel>(
             logprobs: Vec::new(),
             log_ratio: 0.0,
             score: 0.0,
-            rng: Rng::for_sample(settings.seed, index as u64),
+            rng: SplitMix64::for_sample(settings.seed, index as u64),
         })
         .collect();
     if settings.stop.max_new_tokens == 0 {

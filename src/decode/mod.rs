@@ -23,7 +23,7 @@
 //! - [`self_consistency`]: majority vote over answers extracted from samples
 //!   (Wang et al. 2023).
 //!
-//! Every random source is a [`rng::Rng`] seeded from the caller's seed; sample `i` has
+//! Every random source is a [`crate::rng::SplitMix64`] seeded from the caller's seed; sample `i` has
 //! its own stream, so it does not depend on the batch it was drawn in. Decoding sees
 //! models only through [`LanguageModel`]: n-gram models and transformers alike, and
 //! batched calls (`next_logprobs` of every beam at once, `advance_batch`) let the
@@ -36,7 +36,6 @@ pub mod discriminator;
 pub mod diverse_beam;
 pub mod mbr;
 pub mod processors;
-pub mod rng;
 pub mod sample;
 pub mod sampler;
 pub mod self_consistency;
@@ -53,7 +52,6 @@ pub use contrastive::{contrastive, ContrastiveSettings};
 pub use diverse_beam::{diverse_beam_search, DiverseBeamSettings};
 pub use mbr::{chrf, mbr, ngram_f_score, rouge1, sentence_bleu, MbrResult, Utility};
 pub use processors::{LogitBias, LogitsProcessor, ProcessorChain, SamplingParams, Stage, StepContext};
-pub use rng::Rng;
 pub use discriminator::{attribute_probability, fudge, sample_and_discard, DiscardResult, Judged};
 pub use sample::{generate, generate_streaming};
 pub use self_consistency::{extract_answer, majority_vote, Vote};

@@ -6,7 +6,7 @@
 //! With no processors, sampling draws each token from the model's own distribution:
 //! ancestral sampling, whose sequences follow the model's distribution exactly.
 
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use super::{DecodeSettings, Generation};
 use crate::lm::LanguageModel;
 use crate::Result;
@@ -18,7 +18,7 @@ struct Running<S> {
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     score: f32,
-    rng: Rng,
+    rng: SplitMix64,
 }
 
 /// Generates `num_samples` continuations of `prompt` (greedy ones are all the same).
@@ -32,7 +32,7 @@ pub fn generate<M: LanguageModel>(
 }
 
 /// Generates the samples numbered `samples` (sample `i` draws from its own stream
-/// `Rng::for_sample(seed, i)`, so a later batch continues where an earlier one ended)
+/// `SplitMix64::for_sample(seed, i)`, so a later batch continues where an earlier one ended)
 /// and calls `on_token(i, generated)` after every token of sample `i`, for printing
 /// text as it is produced. Returns the samples in order.
 pub fn generate_streaming<M: LanguageModel>(
@@ -53,7 +53,7 @@ pub fn generate_streaming<M: LanguageModel>(
             tokens: prompt.to_vec(),
             logprobs: Vec::new(),
             score: 0.0,
-            rng: Rng::for_sample(settings.seed, (first + index) as u64),
+            rng: SplitMix64::for_sample(settings.seed, (first + index) as u64),
         })
         .collect();
     if settings.stop.max_new_tokens == 0 {

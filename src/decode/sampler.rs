@@ -3,7 +3,7 @@
 //! processed scores (ancestral sampling).
 
 use super::processors::softmax;
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 /// How the next token is picked from processed scores.
@@ -18,7 +18,7 @@ pub enum Choice {
 
 impl Choice {
     /// Picks a token from `logits` (`rng` is used only when sampling).
-    pub fn pick(self, logits: &[f32], rng: &mut Rng) -> Result<u32> {
+    pub fn pick(self, logits: &[f32], rng: &mut SplitMix64) -> Result<u32> {
         match self {
             Choice::Greedy => argmax(logits),
             Choice::Sample => sample(logits, rng),
@@ -50,12 +50,12 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
 
 /// A draw from softmax(`logits`) by inverting the cumulative distribution; a token of
 /// probability 0 is never drawn.
-pub fn sample(logits: &[f32], rng: &mut Rng) -> Result<u32> {
+pub fn sample(logits: &[f32], rng: &mut SplitMix64) -> Result<u32> {
     sample_probs(&softmax(logits), rng)
 }
 
 /// A draw from (unnormalised, non-negative) weights.
-pub fn sample_probs(weights: &[f64], rng: &mut Rng) -> Result<u32> {
+pub fn sample_probs(weights: &[f64], rng: &mut SplitMix64) -> Result<u32> {
     let total: f64 = weights.iter().filter(|w| w.is_finite()).sum();
     // NaN or zero: nothing can be drawn.
     if total.is_nan() || total <= 0.0 {

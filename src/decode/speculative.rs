@@ -19,7 +19,7 @@
 //! still runs one pass per round.
 
 use super::processors::softmax;
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use super::sampler::{argmax, sample, sample_probs, Choice};
 use super::stop::FinishReason;
 use super::{check_same_vocab, DecodeSettings, Generation};
@@ -86,7 +86,7 @@ pub fn speculative<T: LanguageModel, D: LanguageModel>(
     let draft_start = draft.prefill(prompt)?;
     (0..num_samples)
         .map(|index| {
-            let rng = Rng::for_sample(settings.seed, index as u64);
+            let rng = SplitMix64::for_sample(settings.seed, index as u64);
             one(target, draft, target_start.clone(), draft_start.clone(), prompt, draft_tokens, settings, rng)
         })
         .collect()
@@ -101,7 +101,7 @@ fn one<T: LanguageModel, D: LanguageModel>(
     prompt: &[u32],
     k: usize,
     settings: &DecodeSettings,
-    mut rng: Rng,
+    mut rng: SplitMix64,
 ) -> Result<SpeculativeResult> {
     let max_new = settings.stop.max_new_tokens;
     let sampling = settings.choice == Choice::Sample;

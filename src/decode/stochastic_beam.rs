@@ -13,7 +13,7 @@
 //! The draws come from one stream seeded by `settings.seed`.
 
 use super::processors::log_softmax_in_place;
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use super::stop::FinishReason;
 use super::{DecodeSettings, Generation};
 use crate::lm::LanguageModel;
@@ -55,7 +55,7 @@ pub fn stochastic_beam_search<M: LanguageModel>(
     if k == 0 {
         return Err(Error::Invalid("stochastic beam search needs at least 1 beam".into()));
     }
-    let mut rng = Rng::new(settings.seed);
+    let mut rng = SplitMix64::new(settings.seed);
     let mut beams = vec![Node {
         state: Some(model.prefill(prompt)?),
         tokens: prompt.to_vec(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use super::*;
+use crate::rng::SplitMix64;
 use crate::lm::LanguageModel;
 use crate::model::Transformer;
 use crate::ngram::{self, NgramModel, Smoothing, TrainOptions};
@@ -421,7 +422,7 @@ fn processors_keep_a_distribution_and_top_p_keeps_the_nucleus() {
     assert!(kept_mass >= p as f64 - 1e-6);
     assert!(kept_mass - smallest < p as f64, "minimal");
     assert!((0..row.len()).all(|i| kept.contains(&i) || probs[i] <= smallest));
-    let mut rng = Rng::new(1);
+    let mut rng = SplitMix64::new(1);
     for _ in 0..2000 {
         let token = sampler::sample(&logits, &mut rng).unwrap();
         assert!(kept.contains(&(token as usize)), "sampled outside the nucleus");
@@ -851,7 +852,7 @@ fn sampling_frequencies_match_the_processed_distribution() {
     let mut probs: Vec<f64> = sqrt.iter().map(|s| s / total).collect();
     probs.push(0.0);
     let mut counts = vec![0usize; 5];
-    let mut rng = Rng::new(2024);
+    let mut rng = SplitMix64::new(2024);
     for _ in 0..20_000 {
         counts[sampler::sample(&logits, &mut rng).unwrap() as usize] += 1;
     }

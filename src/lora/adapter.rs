@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::config::{matches, LoraConfig, ADAPTER_CONFIG_FILE, PROJECTIONS};
 use crate::fsutil::write_atomic;
 use crate::model::{LoraBranch, Transformer};
-use crate::train::batches::{derive_seed, SplitMix64};
+use crate::rng::SplitMix64;
+use crate::train::batches::derive_seed;
 use crate::{Error, Result};
 
 /// File name of the adapter's weights inside an adapter directory.
@@ -95,7 +96,7 @@ impl Adapter {
             let bound = 1.0 / (in_dim as f64).sqrt();
             let mut rng = SplitMix64::new(derive_seed(seed, fnv1a(&name)));
             let values: Vec<f32> = (0..config.r * in_dim)
-                .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+                .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
                 .collect();
             let a = Var::from_tensor(&Tensor::from_vec(values, (config.r, in_dim), &device)?)?;
             let b = Var::zeros((out_dim, config.r), DType::F32, &device)?;

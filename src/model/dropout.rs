@@ -9,28 +9,28 @@ use std::cell::Cell;
 
 use candle_core::Tensor;
 
+use crate::rng::SplitMix64;
+
 /// The random source of one training forward pass.
 #[derive(Debug)]
 pub struct DropoutRng {
-    state: Cell<u64>,
+    state: Cell<SplitMix64>,
 }
 
 impl DropoutRng {
     /// A stream for one forward pass; use a different seed for every step.
     pub fn new(seed: u64) -> Self {
         DropoutRng {
-            state: Cell::new(seed),
+            state: Cell::new(SplitMix64::new(seed)),
         }
     }
 
-    fn next_u64(&self) -> u64 {
-        // SplitMix64 (Steele et al. 2014): a full-period counter through a mixing function.
-        let state = self.state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        self.state.set(state);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    /// The next uniform in [0, 1) of this pass's stream.
+    fn next_f64(&self) -> f64 {
+        let mut rng = self.state.get();
+        let value = rng.next_f64();
+        self.state.set(rng);
+        value
     }
 
     /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
@@ -42,7 +42,7 @@ impl DropoutRng {
         // Compare 53-bit uniforms with p, so p is honoured to double precision.
         let mask: Vec<f32> = (0..xs.elem_count())
             .map(|_| {
-                let uniform = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                let uniform = self.next_f64();
                 if uniform < p {
                     0.0
                 } else {

@@ -17,7 +17,6 @@ mod hash;
 pub(crate) mod hf_json;
 mod id_lines;
 pub(crate) mod pretokenize;
-mod rng;
 mod stats;
 mod unicode;
 pub(crate) mod unigram;
@@ -37,7 +36,7 @@ pub use unigram::Unigram;
 
 use added::{AddedVocab, Segment};
 use hash::FastMap;
-use rng::SplitMix64;
+use crate::rng::SplitMix64;
 
 use crate::{Error, Result};
 

@@ -8,40 +8,8 @@
 use candle_core::{Device, Tensor};
 
 use super::token_file::TokenFile;
+use crate::rng::SplitMix64;
 use crate::Result;
-
-/// SplitMix64: a full-period counter through a mixing function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SplitMix64 {
-    /// The whole state; saved in checkpoints.
-    pub state: u64,
-}
-
-impl SplitMix64 {
-    /// A generator whose stream is fixed by `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform integer in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for our n).
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-
-    /// A uniform float in [0, 1) with 53 random bits.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// Mixes a seed with a stream label, so independent streams (batches, evaluation,
 /// dropout, initialisation) never share a sequence.

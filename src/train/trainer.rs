@@ -25,7 +25,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 
-use super::batches::{derive_seed, sample_batch, SplitMix64};
+use super::batches::{derive_seed, sample_batch};
+use crate::rng::SplitMix64;
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
 use super::config::{Precision, TrainSetup};
 use super::metrics::{self, MetricsLog, METRICS_FILE, PLOT_FILE};
@@ -190,8 +191,8 @@ fn available_memory() -> Option<usize> {
 fn normal_values(n: usize, std: f64, rng: &mut SplitMix64) -> Vec<f32> {
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
-        let u1 = 1.0 - rng.uniform(); // (0, 1]
-        let u2 = rng.uniform();
+        let u1 = 1.0 - rng.next_f64(); // (0, 1]
+        let u2 = rng.next_f64();
         let r = (-2.0 * u1.ln()).sqrt() * std;
         let theta = std::f64::consts::TAU * u2;
         out.push((r * theta.cos()) as f32);

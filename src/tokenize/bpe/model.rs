@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use crate::tokenize::bytes::{BYTE_TO_CHAR, char_to_byte};
 use crate::tokenize::hash::{pair_key, FastMap};
-use crate::tokenize::rng::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 const NONE: u32 = u32::MAX;

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::tokenize::rng::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Penalty below the lowest score given to an unknown character (as in SentencePiece).
 pub(crate) const UNK_PENALTY: f64 = 10.0;
