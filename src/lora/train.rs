@@ -25,7 +25,7 @@ use crate::model::{param_count, DropoutRng, Transformer};
 use crate::rng::SplitMix64;
 use crate::train::batches::{derive_seed, sample_batch};
 use crate::train::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
-use crate::train::metrics::{self, MetricsLog, METRICS_FILE, PLOT_FILE};
+use crate::train::metrics::{self, MetricsLog, StepRecord, METRICS_FILE};
 use crate::train::optimizer::{global_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{LrSchedule, Schedule};
 use crate::train::token_file::{self, TokenDtype, TokenFile};
@@ -383,18 +383,15 @@ pub fn run(
             false => None,
         };
         if is_log {
-            let mut record = json!({
-                "step": state.step,
-                "lr": lr,
-                "train_loss": train_loss,
-                "tokens_per_s": tokens_per_s.round(),
-                "grad_norm": grad_norm,
-                "tokens": state.tokens_seen,
-            });
-            if let Some(val) = val_loss {
-                record["val_loss"] = json!(val);
-            }
-            log.write(&record)?;
+            log.write_step(&StepRecord {
+                step: state.step,
+                lr,
+                train_loss,
+                tokens_per_s,
+                grad_norm,
+                tokens: state.tokens_seen,
+                val_loss,
+            })?;
             interval = (Instant::now(), 0);
         }
         let control = on_progress(&StepReport {
@@ -418,11 +415,7 @@ pub fn run(
     }
     state.batch_rng = batch_rng.state;
     save_all(&optimizer, &state, &mut log)?;
-    let (train_curve, val_curve) = metrics::read_curves(&out_dir.join(METRICS_FILE))?;
-    write_atomic(
-        &out_dir.join(PLOT_FILE),
-        metrics::loss_svg(&train_curve, &val_curve).as_bytes(),
-    )?;
+    metrics::write_plot(&out_dir)?;
     Ok(FineTuneSummary {
         steps: state.step,
         resumed_from,

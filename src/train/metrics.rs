@@ -72,6 +72,49 @@ impl MetricsLog {
     }
 }
 
+/// One logged step of a training loop, as a `metrics.jsonl` line holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct StepRecord {
+    /// Optimiser steps done.
+    pub step: u64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Mean training loss of this step (nats per token).
+    pub train_loss: f32,
+    /// Training throughput since the last logged step.
+    pub tokens_per_s: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens seen so far.
+    pub tokens: u64,
+    /// Validation loss; present at evaluation steps.
+    pub val_loss: Option<f32>,
+}
+
+impl MetricsLog {
+    /// Appends one step's record (`val_loss` only at evaluation steps).
+    pub fn write_step(&mut self, step: &StepRecord) -> Result<()> {
+        let mut record = serde_json::json!({
+            "step": step.step,
+            "lr": step.lr,
+            "train_loss": step.train_loss,
+            "tokens_per_s": step.tokens_per_s.round(),
+            "grad_norm": step.grad_norm,
+            "tokens": step.tokens,
+        });
+        if let Some(val) = step.val_loss {
+            record["val_loss"] = serde_json::json!(val);
+        }
+        self.write(&record)
+    }
+}
+
+/// Draws the loss curves of `dir`'s metrics.jsonl into its loss.svg.
+pub fn write_plot(dir: &Path) -> Result<()> {
+    let (train, val) = read_curves(&dir.join(METRICS_FILE))?;
+    write_atomic(&dir.join(PLOT_FILE), loss_svg(&train, &val).as_bytes())
+}
+
 /// (step, loss) points.
 pub type Curve = Vec<(f64, f64)>;
 

@@ -23,13 +23,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
-use serde_json::json;
 
 use super::batches::{derive_seed, sample_batch};
 use crate::rng::SplitMix64;
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
 use super::config::{Precision, TrainSetup};
-use super::metrics::{self, MetricsLog, METRICS_FILE, PLOT_FILE};
+use super::metrics::{self, MetricsLog, StepRecord, METRICS_FILE};
 use super::optimizer::{global_norm, AdamW, AdamWConfig};
 use super::schedule::{LrSchedule, Schedule};
 use super::token_file::{self, TokenDtype, TokenFile};
@@ -531,18 +530,15 @@ pub fn run_with_control(
             false => None,
         };
         if is_log {
-            let mut record = json!({
-                "step": state.step,
-                "lr": lr,
-                "train_loss": train_loss,
-                "tokens_per_s": tokens_per_s.round(),
-                "grad_norm": grad_norm,
-                "tokens": state.tokens_seen,
-            });
-            if let Some(val) = val_loss {
-                record["val_loss"] = json!(val);
-            }
-            log.write(&record)?;
+            log.write_step(&StepRecord {
+                step: state.step,
+                lr,
+                train_loss,
+                tokens_per_s,
+                grad_norm,
+                tokens: state.tokens_seen,
+                val_loss,
+            })?;
             interval = (Instant::now(), 0);
         }
         let control = on_progress(&StepReport {
@@ -566,11 +562,7 @@ pub fn run_with_control(
     }
     state.batch_rng = batch_rng.state;
     save_all(&optimizer, &state, &mut log)?;
-    let (train_curve, val_curve) = metrics::read_curves(&out_dir.join(METRICS_FILE))?;
-    write_atomic(
-        &out_dir.join(PLOT_FILE),
-        metrics::loss_svg(&train_curve, &val_curve).as_bytes(),
-    )?;
+    metrics::write_plot(&out_dir)?;
     Ok(TrainSummary {
         steps: state.step,
         resumed_from,
