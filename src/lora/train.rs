@@ -415,7 +415,7 @@ pub fn run(
     }
     state.batch_rng = batch_rng.state;
     save_all(&optimizer, &state, &mut log)?;
-    metrics::write_plot(&out_dir)?;
+    metrics::write_plot(out_dir)?;
     Ok(FineTuneSummary {
         steps: state.step,
         resumed_from,

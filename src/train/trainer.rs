@@ -562,7 +562,7 @@ pub fn run_with_control(
     }
     state.batch_rng = batch_rng.state;
     save_all(&optimizer, &state, &mut log)?;
-    metrics::write_plot(&out_dir)?;
+    metrics::write_plot(out_dir)?;
     Ok(TrainSummary {
         steps: state.step,
         resumed_from,
