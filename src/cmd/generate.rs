@@ -821,31 +821,16 @@ fn read_prompt(args: &GenerateArgs, model: &Loaded) -> Result<Vec<u32>> {
     model.encode(&text, "the prompt")
 }
 
-/// The decode settings for a prompt of `prompt_len` tokens: the token budget is cut to
-/// what the model's context has room for.
-pub(crate) fn budget(
-    args: &GenerateArgs,
-    model: &Loaded,
-    prompt_len: usize,
-) -> Result<usize> {
-    let Some(context) = model.context_len() else {
-        return Ok(args.max_new_tokens);
-    };
-    if prompt_len >= context {
-        bail!(
+/// Refuses a prompt of `prompt_len` tokens that does not fit the model's context. The
+/// generation itself may run past the context: the transformer slides its window.
+pub(crate) fn check_prompt_fits(model: &Loaded, prompt_len: usize) -> Result<()> {
+    match model.context_len() {
+        Some(context) if prompt_len >= context => bail!(
             "the prompt has {prompt_len} tokens but the model's context is {context} positions \
              (max_position_embeddings in config.json, counting a beginning-of-sequence token); shorten the prompt"
-        );
+        ),
+        _ => Ok(()),
     }
-    let room = context - prompt_len;
-    if args.max_new_tokens > room {
-        tracing::warn!(
-            "--max-new-tokens {} does not fit the model's context of {context} after a {prompt_len}-token prompt; generating at most {room}",
-            args.max_new_tokens
-        );
-        return Ok(room);
-    }
-    Ok(args.max_new_tokens)
 }
 
 /// Everything `run` and the interactive loop share: the loaded models and the built
@@ -909,12 +894,12 @@ pub(crate) fn text_ids<'a>(model: &Loaded, ids: &'a [u32]) -> &'a [u32] {
 }
 
 pub fn run(ctx: &Context, args: GenerateArgs) -> Result<()> {
-    let mut prepared = prepare(ctx, &args)?;
+    let prepared = prepare(ctx, &args)?;
     if let Some(mode) = &args.interactive {
         return super::interactive::run(ctx, &args, mode, prepared);
     }
     let prompt = read_prompt(&args, &prepared.model)?;
-    prepared.settings.stop.max_new_tokens = budget(&args, &prepared.model, prompt.len())?;
+    check_prompt_fits(&prepared.model, prompt.len())?;
     let Prepared {
         strategy,
         model,

@@ -17,7 +17,7 @@ use std::io::{BufRead, Write};
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use super::generate::{budget, dispatch, text_ids, GenerateArgs, Job, Prepared};
+use super::generate::{dispatch, text_ids, GenerateArgs, Job, Prepared};
 use super::Context;
 
 /// Runs the session until the end of stdin.
@@ -59,14 +59,18 @@ pub(super) fn run(ctx: &Context, args: &GenerateArgs, mode: &str, prepared: Prep
     loop {
         if model_turn {
             settings.seed = seed.wrapping_add(turn);
-            settings.stop.max_new_tokens = budget(args, &model, text.len())?;
+            // A long session outgrows the context: the model reads the recent part.
+            let recent = match model.context_len() {
+                Some(context) if text.len() >= context => &text[text.len() - (context - context / 4)..],
+                _ => &text[..],
+            };
             turn += 1;
             let outputs = dispatch(
                 &model,
                 second.as_ref(),
                 Job {
                     strategy: &strategy,
-                    prompt: &text,
+                    prompt: recent,
                     settings: &settings,
                     num_return,
                     detokenize: &detokenize,

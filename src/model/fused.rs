@@ -527,11 +527,29 @@ impl CustomOp3 for CausalAttention {
         let t = l1.dims()[1];
         let dims = self.dims(q.len(), k.len(), t)?;
         let Dims { t, h, g, d } = dims;
+        let (per_q, per_kv) = (t * h * d, t * g * d);
+        // One (batch row, head) pair per task, so a single sequence still uses every core.
+        let heads: Vec<Vec<f32>> = (0..q.len() / per_q * h)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, head) = (task / h, task % h);
+                let qkv = [
+                    &q[bi * per_q..][..per_q],
+                    &k[bi * per_kv..][..per_kv],
+                    &v[bi * per_kv..][..per_kv],
+                ];
+                let mut out = vec![0f32; t * d];
+                attention_fwd_head(self, dims, head, qkv, &mut out);
+                out
+            })
+            .collect();
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(t * h * d)
-            .zip(q.par_chunks(t * h * d))
-            .zip(k.par_chunks(t * g * d).zip(v.par_chunks(t * g * d)))
-            .for_each(|((out, q), (k, v))| attention_fwd_row(self, dims, q, k, v, out));
+        for (task, rows) in heads.iter().enumerate() {
+            let (bi, head) = (task / h, task % h);
+            for (i, row) in rows.chunks_exact(d).enumerate() {
+                out[bi * per_q + (i * h + head) * d..][..d].copy_from_slice(row);
+            }
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -552,21 +570,42 @@ impl CustomOp3 for CausalAttention {
                 vec![0f32; k.len()],
                 vec![0f32; v.len()],
             );
-            let per_q = t * h * d;
-            let per_kv = t * g * d;
-            // One batch row per task: each writes only its own rows of dq, dk, dv.
-            dq.par_chunks_mut(per_q)
-                .zip(dk.par_chunks_mut(per_kv).zip(dv.par_chunks_mut(per_kv)))
-                .enumerate()
-                .for_each(|(bi, (dq, (dk, dv)))| {
-                    let (q, k, v) = (
+            let (per_q, per_kv) = (t * h * d, t * g * d);
+            // One (batch row, kv head) pair per task: the task owns the gradients of its
+            // kv head and of the query heads sharing it, added into place afterwards.
+            let group = h / g;
+            let grads: Vec<GroupGrads> = (0..q.len() / per_q * g)
+                .into_par_iter()
+                .map(|task| {
+                    let (bi, kv_head) = (task / g, task % g);
+                    let rows = [
                         &q[bi * per_q..][..per_q],
                         &k[bi * per_kv..][..per_kv],
                         &v[bi * per_kv..][..per_kv],
-                    );
-                    let (o, d_o) = (&o[bi * per_q..][..per_q], &d_o[bi * per_q..][..per_q]);
-                    attention_bwd_row(self, dims, [q, k, v, o, d_o], dq, dk, dv);
-                });
+                        &o[bi * per_q..][..per_q],
+                        &d_o[bi * per_q..][..per_q],
+                    ];
+                    let mut grads = GroupGrads {
+                        dq: vec![0f32; group * t * d],
+                        dk: vec![0f32; t * d],
+                        dv: vec![0f32; t * d],
+                    };
+                    attention_bwd_group(self, dims, kv_head, rows, &mut grads);
+                    grads
+                })
+                .collect();
+            for (task, grads) in grads.iter().enumerate() {
+                let (bi, kv_head) = (task / g, task % g);
+                let dq = &mut dq[bi * per_q..][..per_q];
+                for (member, dqh) in grads.dq.chunks_exact(t * d).enumerate() {
+                    self.scatter_add(dqh, h, kv_head * group + member, dq);
+                }
+                self.scatter_add(&grads.dk, g, kv_head, &mut dk[bi * per_kv..][..per_kv]);
+                let dv = &mut dv[bi * per_kv..][..per_kv];
+                for (i, row) in grads.dv.chunks_exact(d).enumerate() {
+                    axpy(1.0, row, &mut dv[(i * g + kv_head) * d..][..d]);
+                }
+            }
             Ok((dq, dk, dv))
         })?;
         Ok((
@@ -577,98 +616,86 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
+/// The gradients one backward task produces, with respect to the rotated rows, head
+/// by head: `dq` for each query head of the group, (t, d) one after another, and `dk`,
+/// `dv` (t, d) for the kv head.
+struct GroupGrads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
 simd_kernel! {
-    /// One batch row of the attention forward: `q`, `out` (t, h * d), `k`, `v` (t, g * d).
-    fn attention_fwd_row(
+    /// Query head `head` of one batch row of the attention forward: `q` (t, h * d),
+    /// `k`, `v` (t, g * d) into `out` (t, d).
+    fn attention_fwd_head(
         op: &CausalAttention,
         dims: Dims,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        head: usize,
+        qkv: [&[f32]; 3],
         out: &mut [f32],
     ) {
+        let [q, k, v] = qkv;
         let Dims { t, h, g, d } = dims;
         let scale = 1.0 / (d as f32).sqrt();
-            let (mut qh, mut kh, mut vh) =
-                (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
-            let mut p = vec![0f32; t];
-            for head in 0..h {
-                let kv_head = head / (h / g);
-                op.gather(q, h, head, &mut qh);
-                if head % (h / g) == 0 {
-                    op.gather(k, g, kv_head, &mut kh);
-                    for (i, row) in vh.chunks_exact_mut(d).enumerate() {
-                        row.copy_from_slice(&v[(i * g + kv_head) * d..][..d]);
-                    }
-                }
-                for i in 0..t {
-                    let p = &mut p[..=i];
-                    CausalAttention::weights(&qh[i * d..][..d], &kh, d, scale, p);
-                    let o = &mut out[(i * h + head) * d..][..d];
-                    for (j, &pj) in p.iter().enumerate() {
-                        axpy(pj, &vh[j * d..][..d], o);
-                    }
-                }
+        let kv_head = head / (h / g);
+        let (mut qh, mut kh) = (vec![0f32; t * d], vec![0f32; t * d]);
+        op.gather(q, h, head, &mut qh);
+        op.gather(k, g, kv_head, &mut kh);
+        let mut p = vec![0f32; t];
+        for i in 0..t {
+            let p = &mut p[..=i];
+            CausalAttention::weights(&qh[i * d..][..d], &kh, d, scale, p);
+            let o = &mut out[i * d..][..d];
+            for (j, &pj) in p.iter().enumerate() {
+                axpy(pj, &v[(j * g + kv_head) * d..][..d], o);
             }
+        }
     }
 }
 
 simd_kernel! {
-    /// One batch row of the attention backward: the inputs `q`, `k`, `v`, the output
-    /// `o` and its gradient `d_o`, into the gradients `dq`, `dk`, `dv`.
-    fn attention_bwd_row(
+    /// The attention backward for kv head `kv_head` of one batch row and the query heads
+    /// sharing it: from the inputs `q`, `k`, `v`, the output `o` and its gradient `d_o`
+    /// into `grads`.
+    fn attention_bwd_group(
         op: &CausalAttention,
         dims: Dims,
+        kv_head: usize,
         rows: [&[f32]; 5],
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
+        grads: &mut GroupGrads,
     ) {
         let [q, k, v, o, d_o] = rows;
         let Dims { t, h, g, d } = dims;
         let scale = 1.0 / (d as f32).sqrt();
-            let (mut qh, mut kh, mut vh) =
-                    (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
-                let (mut dqh, mut dkh, mut dvh) =
-                    (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
-                let mut p = vec![0f32; t];
-                for head in 0..h {
-                    let kv_head = head / (h / g);
-                    op.gather(q, h, head, &mut qh);
-                    if head % (h / g) == 0 {
-                        op.gather(k, g, kv_head, &mut kh);
-                        for (i, row) in vh.chunks_exact_mut(d).enumerate() {
-                            row.copy_from_slice(&v[(i * g + kv_head) * d..][..d]);
-                        }
-                        dkh.fill(0.0);
-                        dvh.fill(0.0);
-                    }
-                    dqh.fill(0.0);
-                    for i in 0..t {
-                        let p = &mut p[..=i];
-                        let q_row = &qh[i * d..][..d];
-                        CausalAttention::weights(q_row, &kh, d, scale, p);
-                        let do_row = &d_o[(i * h + head) * d..][..d];
-                        // softmax backward: ds_j = p_j (dp_j - sum_k p_k dp_k), and
-                        // sum_k p_k dp_k = do . o.
-                        let delta = dot(do_row, &o[(i * h + head) * d..][..d]);
-                        let dq_row = &mut dqh[i * d..][..d];
-                        for (j, &pj) in p.iter().enumerate() {
-                            let dp = dot(do_row, &vh[j * d..][..d]);
-                            let ds = pj * (dp - delta) * scale;
-                            axpy(ds, &kh[j * d..][..d], dq_row);
-                            axpy(ds, q_row, &mut dkh[j * d..][..d]);
-                            axpy(pj, do_row, &mut dvh[j * d..][..d]);
-                        }
-                    }
-                    op.scatter_add(&dqh, h, head, dq);
-                    if head % (h / g) == h / g - 1 {
-                        op.scatter_add(&dkh, g, kv_head, dk);
-                        for (i, row) in dvh.chunks_exact(d).enumerate() {
-                            axpy(1.0, row, &mut dv[(i * g + kv_head) * d..][..d]);
-                        }
-                    }
+        let group = h / g;
+        let (mut qh, mut kh, mut vh) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+        op.gather(k, g, kv_head, &mut kh);
+        for (i, row) in vh.chunks_exact_mut(d).enumerate() {
+            row.copy_from_slice(&v[(i * g + kv_head) * d..][..d]);
+        }
+        let mut p = vec![0f32; t];
+        for (member, dqh) in grads.dq.chunks_exact_mut(t * d).enumerate() {
+            let head = kv_head * group + member;
+            op.gather(q, h, head, &mut qh);
+            for i in 0..t {
+                let p = &mut p[..=i];
+                let q_row = &qh[i * d..][..d];
+                CausalAttention::weights(q_row, &kh, d, scale, p);
+                let do_row = &d_o[(i * h + head) * d..][..d];
+                // softmax backward: ds_j = p_j (dp_j - sum_k p_k dp_k), and
+                // sum_k p_k dp_k = do . o.
+                let delta = dot(do_row, &o[(i * h + head) * d..][..d]);
+                let dq_row = &mut dqh[i * d..][..d];
+                for (j, &pj) in p.iter().enumerate() {
+                    let dp = dot(do_row, &vh[j * d..][..d]);
+                    let ds = pj * (dp - delta) * scale;
+                    axpy(ds, &kh[j * d..][..d], dq_row);
+                    axpy(ds, q_row, &mut grads.dk[j * d..][..d]);
+                    axpy(pj, do_row, &mut grads.dv[j * d..][..d]);
                 }
+            }
+        }
     }
 }
 

@@ -6,12 +6,19 @@
 //! immutable there, so that is where the cache has to grow. The empty prefix of a model
 //! without a beginning-of-sequence token has no context to condition on: it gets the
 //! uniform distribution, `-ln(vocab_size)` for every token.
+//!
+//! A model with learned or rotary positions knows `max_position_embeddings` of them
+//! (the context it was trained on). A state that would outgrow them slides: the cache
+//! is rebuilt from the last three quarters of the context, so the model keeps seeing
+//! windows like those it was trained on (nanoGPT crops its input the same way, one
+//! token at a time; sliding by a quarter re-reads the window four times less often).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 
 use super::attention::KvCache;
+use super::config::PositionKind;
 use super::transformer::Transformer;
 use crate::lm::LanguageModel;
 use crate::{Error, Result};
@@ -21,7 +28,10 @@ use crate::{Error, Result};
 pub struct TransformerState {
     /// The tokens fed so far (without the beginning-of-sequence token).
     tokens: Vec<u32>,
-    /// Keys and values of every fed token (with the beginning-of-sequence token).
+    /// Where in `tokens` the cached window starts (0 until the state first slides).
+    window_start: usize,
+    /// Keys and values of `tokens[window_start..]` (after the beginning-of-sequence
+    /// token).
     kv_cache: KvCache,
     /// log p(next | tokens) in nats; `None` before the first token.
     next_logprobs: Option<Arc<[f32]>>,
@@ -63,7 +73,9 @@ impl Transformer {
             return Ok(());
         };
         let len = first.kv_cache.len();
-        let batchable = len > 0 && states.iter().all(|s| s.kv_cache.len() == len);
+        let batchable = len > 0
+            && len < self.position_limit()
+            && states.iter().all(|s| s.kv_cache.len() == len);
         if !batchable || states.len() == 1 {
             for (state, &token) in states.iter_mut().zip(tokens) {
                 self.feed(state, &[token])?;
@@ -121,9 +133,26 @@ impl Transformer {
         for &token in tokens {
             self.check_token(token)?;
         }
+        let bos = self.config().bos_token_id;
+        let limit = self.position_limit();
+        let fresh = usize::from(bos.is_some()) + tokens.len();
+        if fresh > limit {
+            return Err(Error::Invalid(format!(
+                "{} tokens do not fit the model's context of {limit} positions \
+                 (max_position_embeddings in config.json)",
+                tokens.len()
+            )));
+        }
+        if !state.kv_cache.is_empty() && state.kv_cache.len() + tokens.len() > limit {
+            // Slide: restart the cache from the most recent tokens that leave room.
+            let room = (limit - limit / 4).max(fresh) - fresh;
+            state.window_start = state.tokens.len() - room.min(state.tokens.len());
+            state.kv_cache = KvCache::new();
+        }
         let mut input = Vec::with_capacity(tokens.len() + 1);
         if state.kv_cache.is_empty() {
-            input.extend(self.config().bos_token_id);
+            input.extend(bos);
+            input.extend_from_slice(&state.tokens[state.window_start..]);
         }
         input.extend_from_slice(tokens);
         let n = input.len();
@@ -131,6 +160,15 @@ impl Transformer {
         let logits = self.forward_step_tail(&ids, &mut state.kv_cache, keep)?; // (1, keep, vocab)
         state.tokens.extend_from_slice(tokens);
         Ok(logits.squeeze(0)?)
+    }
+
+    /// Positions the cache can hold: `max_position_embeddings`, or no limit for a model
+    /// without position information.
+    fn position_limit(&self) -> usize {
+        match self.config().position {
+            PositionKind::None => usize::MAX,
+            _ => self.config().max_position_embeddings,
+        }
     }
 
     /// The distribution of the first token: after BOS, or uniform without one.
@@ -178,6 +216,7 @@ impl LanguageModel for Transformer {
     fn initial_state(&self) -> TransformerState {
         TransformerState {
             tokens: Vec::new(),
+            window_start: 0,
             kv_cache: KvCache::new(),
             next_logprobs: None,
         }

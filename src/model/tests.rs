@@ -594,6 +594,33 @@ fn sequences_past_the_position_table_are_an_error() {
     assert!(err.contains("max_position_embeddings"), "{err}");
 }
 
+#[test]
+fn decoding_past_the_context_slides_a_window_of_recent_tokens() {
+    // Fed one token at a time far past its 40 positions, the model's prediction is
+    // always its prediction from scratch on the most recent tokens, at least three
+    // quarters of the context of them and never more than the context.
+    for position in [PositionKind::Rope, PositionKind::Learned] {
+        let cfg = small(position);
+        let (_varmap, model) = fresh(&cfg);
+        let tokens = random_ids(1, 100, cfg.vocab_size, 7);
+        let mut state = model.initial_state();
+        for (n, &token) in tokens.iter().enumerate() {
+            model.advance(&mut state, token).unwrap();
+            let window = state.kv_cache().len();
+            assert!(window <= 40, "{window}");
+            assert!(window >= (n + 1).min(30), "after {} tokens: {window}", n + 1);
+            let fed = &tokens[..=n];
+            let scratch = model.prefill(&fed[fed.len() - window..]).unwrap();
+            let (a, b) = (
+                model.next_logprobs(std::slice::from_ref(&state)).unwrap(),
+                model.next_logprobs(std::slice::from_ref(&scratch)).unwrap(),
+            );
+            assert!(a[0].iter().zip(&b[0]).all(|(x, y)| (x - y).abs() < 1e-5), "token {n}");
+        }
+        assert_eq!(state.tokens(), &tokens[..], "the history is kept whole");
+    }
+}
+
 // --- training path --------------------------------------------------------------------
 
 #[test]

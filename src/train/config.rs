@@ -49,8 +49,8 @@ pub struct ModelSection {
     pub norm_eps: f64,
     /// Standard deviation of the normal initialisation of weight matrices.
     pub init_std: f64,
-    /// Longest sequence the model accepts; 0 = automatic: `seq_len` for learned positions
-    /// (a trained table), else the larger of `seq_len` and 2048 (computed tables).
+    /// Longest sequence the model accepts (`max_position_embeddings` in config.json);
+    /// 0 = `seq_len`, the context it is trained on. Generation past it slides a window.
     pub max_seq_len: u64,
 }
 
@@ -203,10 +203,9 @@ impl ModelSection {
             (0, false) => 4 * dim,
             (h, _) => h as usize,
         };
-        let max_seq_len = match (self.max_seq_len, position) {
-            (0, PositionKind::Learned) => seq_len,
-            (0, _) => seq_len.max(2048),
-            (n, _) => n,
+        let max_seq_len = match self.max_seq_len {
+            0 => seq_len,
+            n => n,
         };
         let cfg = ModelConfig {
             vocab_size,
@@ -398,7 +397,7 @@ mod tests {
         setup.validate().unwrap();
         let cfg = setup.model.model_config(65, 64).unwrap();
         assert_eq!(cfg.intermediate_size, 352, "8/3 * 128 rounded up to 32");
-        assert_eq!(cfg.max_position_embeddings, 2048);
+        assert_eq!(cfg.max_position_embeddings, 64, "the trained context");
         // Every field serializes, so the config layering can check keys against it.
         let table = toml::Table::try_from(TrainSection::default()).unwrap();
         assert_eq!(table.len(), 23);

@@ -427,4 +427,15 @@ fn bad_input_is_one_line() {
         .unwrap();
     let err = assert_one_line_error(&output);
     assert!(err.contains("context is 16"), "{err}");
+    // A generation longer than the context slides its window instead of stopping.
+    let output = sandbox
+        .nlp()
+        .args(["generate", "-m"])
+        .arg(&small)
+        .args(["--prompt", "ROMEO:", "--greedy", "--max-new-tokens", "40", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(ids(&json["ids"]).len(), 40, "{json}");
 }
