@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use super::Context;
 use crate::decode::Detokenizer;
@@ -342,44 +342,32 @@ impl WindowScorer for Transformer {
             ));
         }
         let vocab = self.config().vocab_size;
-        let flat: Vec<u32> = windows.iter().flat_map(|(ids, _)| ids.iter().copied()).collect();
-        if let Some(&bad) = flat.iter().find(|&&id| id as usize >= vocab) {
+        if let Some(&bad) = windows.iter().flat_map(|(ids, _)| *ids).find(|&&id| id as usize >= vocab) {
             return Err(crate::Error::Invalid(format!(
                 "token id {bad} is outside the model's vocabulary of {vocab}"
             )));
         }
         let n = t - from;
-        let ids = Tensor::from_vec(flat, (b, t), self.device())?; // (b, t)
+        // The window's last token is only ever a target: the model reads the others.
+        let inputs: Vec<u32> = windows.iter().flat_map(|(ids, _)| ids[..t - 1].iter().copied()).collect();
+        let targets: Vec<u32> = windows.iter().flat_map(|(ids, _)| ids[from..].iter().copied()).collect();
+        let ids = Tensor::from_vec(inputs, (b, t - 1), self.device())?; // (b, t - 1)
         // Only the rows that predict a scored token: the context part of a window
         // conditions but is not normalised.
-        // The last row predicts past the window: take n + 1 and drop it.
-        let logits = self
-            .forward_tail(&ids, n + 1)?
-            .narrow(1, 0, n)?
-            .to_dtype(DType::F32)?
-            .contiguous()?; // (b, n, vocab)
-        let max = logits.max_keepdim(D::Minus1)?; // (b, n, 1)
-        let log_norm = logits
-            .broadcast_sub(&max)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            .broadcast_add(&max)?; // (b, n, 1)
-        let targets = ids.narrow(1, from, n)?.contiguous()?; // (b, n)
-        let target_logits = logits.gather(&targets.unsqueeze(2)?, 2)?; // (b, n, 1)
-        let logprobs = (target_logits - &log_norm)?.squeeze(2)?.to_vec2::<f32>()?;
-        let top_logprobs = (max - log_norm)?.squeeze(2)?.to_vec2::<f32>()?;
-        let top_ids = logits.argmax(D::Minus1)?.to_vec2::<u32>()?; // (b, n)
-        Ok(windows
-            .iter()
-            .enumerate()
-            .map(|(i, (window, _))| {
-                (0..n)
-                    .map(|j| Prediction {
-                        logprob: logprobs[i][j],
-                        top_logprob: top_logprobs[i][j],
-                        top_id: top_ids[i][j],
-                        target: window[from + j],
+        let logits = self.forward_tail(&ids, n)?; // (b, n, vocab)
+        let scores = crate::model::score_rows(&logits, &targets)?;
+        Ok(scores
+            .chunks(n)
+            .zip(targets.chunks(n))
+            .map(|(scores, targets)| {
+                scores
+                    .iter()
+                    .zip(targets)
+                    .map(|(score, &target)| Prediction {
+                        logprob: score.logprob,
+                        top_logprob: score.top_logprob,
+                        top_id: score.top_id,
+                        target,
                     })
                     .collect()
             })

@@ -336,6 +336,47 @@ impl CrossEntropy {
     }
 }
 
+/// What scoring needs of one row of logits: log p(target), the largest log-probability
+/// and its id.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowScore {
+    pub(crate) logprob: f32,
+    pub(crate) top_logprob: f32,
+    pub(crate) top_id: u32,
+}
+
+/// The [`RowScore`] of each row of `logits` (.., vocab) against `targets`, one per row,
+/// on the host in one pass per row: the log-softmax is never materialised.
+pub(crate) fn score_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<RowScore>> {
+    let vocab = logits.dims().last().copied().unwrap_or(0);
+    if logits.elem_count() != targets.len() * vocab {
+        bail!("score-rows: {} targets for logits of shape {:?}", targets.len(), logits.dims());
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    let logits = logits.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    with_host([&logits], "score-rows", |[data]| {
+        Ok(data
+            .par_chunks(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &target)| {
+                let log_norm = CrossEntropy::row(row, None);
+                // The first of equal maxima, as an argmax.
+                let (top_id, top) = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best });
+                RowScore {
+                    logprob: row[target as usize] - log_norm,
+                    top_logprob: top - log_norm,
+                    top_id: top_id as u32,
+                }
+            })
+            .collect())
+    })
+}
+
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "fused-cross-entropy"
@@ -483,26 +524,6 @@ impl CausalAttention {
             }
         }
     }
-
-    /// Attention weights of query row `i` over keys `0..=i`, into `p`; returns nothing
-    /// else because each row is normalised here.
-    #[inline(always)]
-    fn weights(q_row: &[f32], k: &[f32], d: usize, scale: f32, p: &mut [f32]) {
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in p.iter_mut().enumerate() {
-            *s = dot(q_row, &k[j * d..][..d]) * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in p.iter_mut() {
-            *s = exp(*s - max);
-        }
-        for s in p.iter() {
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        p.iter_mut().for_each(|s| *s *= inv);
-    }
 }
 
 impl CustomOp3 for CausalAttention {
@@ -625,6 +646,96 @@ struct GroupGrads {
     dv: Vec<f32>,
 }
 
+/// Query rows per block: a block's scores against the keys before it are one matrix
+/// product, `(BLOCK, d) x (d, keys)`, as in FlashAttention's tiling (Dao et al. 2022),
+/// though the block's whole score rows are kept (at most `BLOCK * t` floats).
+const BLOCK: usize = 64;
+
+/// A strided matrix in a slice: entry (r, c) is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// The transpose, over the same slice.
+    fn t(self) -> Strided<'a> {
+        Strided { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = scale * lhs rhs`, or `dst += scale * lhs rhs` when `accumulate`; `dst` is
+/// row-major with rows `dst_rs` apart. One thread: callers run heads in parallel.
+fn matmul(dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: Strided, rhs: Strided, scale: f32) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(k, rhs.rows, "matmul: inner dimensions differ");
+    let out = Strided { data: dst, rows: m, cols: n, rs: dst_rs, cs: 1 };
+    assert!(lhs.fits() && rhs.fits() && out.fits(), "matmul: a view overruns its slice");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: every index the product touches is inside its slice (checked just above),
+    // and `dst` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Turns scores `row` of query `i` into attention weights over keys `0..=i`, in place;
+/// the entries after `i` become 0.
+#[inline(always)]
+fn causal_softmax(row: &mut [f32], i: usize) {
+    let (live, masked) = row.split_at_mut(i + 1);
+    let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for s in live.iter_mut() {
+        *s = exp(*s - max);
+    }
+    let inv = 1.0 / live.iter().sum::<f32>();
+    live.iter_mut().for_each(|s| *s *= inv);
+    masked.fill(0.0);
+}
+
+/// The attention weights of query rows `i0..i0 + rows` of one head, `qh` and `kh`
+/// (t, d) rotated, into `p` (rows, i0 + rows).
+#[inline(always)]
+fn block_weights(qh: &[f32], kh: &[f32], d: usize, i0: usize, rows: usize, scale: f32, p: &mut [f32]) {
+    let keys = i0 + rows;
+    let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
+    let k_t = Strided { data: kh, rows: d, cols: keys, rs: 1, cs: d };
+    matmul(p, keys, false, q_block, k_t, scale);
+    for (r, row) in p.chunks_exact_mut(keys).enumerate() {
+        causal_softmax(row, i0 + r);
+    }
+}
+
 simd_kernel! {
     /// Query head `head` of one batch row of the attention forward: `q` (t, h * d),
     /// `k`, `v` (t, g * d) into `out` (t, d).
@@ -642,14 +753,15 @@ simd_kernel! {
         let (mut qh, mut kh) = (vec![0f32; t * d], vec![0f32; t * d]);
         op.gather(q, h, head, &mut qh);
         op.gather(k, g, kv_head, &mut kh);
-        let mut p = vec![0f32; t];
-        for i in 0..t {
-            let p = &mut p[..=i];
-            CausalAttention::weights(&qh[i * d..][..d], &kh, d, scale, p);
-            let o = &mut out[i * d..][..d];
-            for (j, &pj) in p.iter().enumerate() {
-                axpy(pj, &v[(j * g + kv_head) * d..][..d], o);
-            }
+        let mut p = vec![0f32; BLOCK.min(t) * t];
+        for i0 in (0..t).step_by(BLOCK) {
+            let rows = BLOCK.min(t - i0);
+            let keys = i0 + rows;
+            let p = &mut p[..rows * keys];
+            block_weights(&qh, &kh, d, i0, rows, scale, p);
+            let weights = Strided { data: p, rows, cols: keys, rs: keys, cs: 1 };
+            let values = Strided { data: &v[kv_head * d..], rows: keys, cols: d, rs: g * d, cs: 1 };
+            matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
         }
     }
 }
@@ -669,31 +781,41 @@ simd_kernel! {
         let Dims { t, h, g, d } = dims;
         let scale = 1.0 / (d as f32).sqrt();
         let group = h / g;
-        let (mut qh, mut kh, mut vh) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+        let (mut qh, mut kh) = (vec![0f32; t * d], vec![0f32; t * d]);
         op.gather(k, g, kv_head, &mut kh);
-        for (i, row) in vh.chunks_exact_mut(d).enumerate() {
-            row.copy_from_slice(&v[(i * g + kv_head) * d..][..d]);
-        }
-        let mut p = vec![0f32; t];
+        let (mut p, mut ds) = (vec![0f32; BLOCK.min(t) * t], vec![0f32; BLOCK.min(t) * t]);
         for (member, dqh) in grads.dq.chunks_exact_mut(t * d).enumerate() {
             let head = kv_head * group + member;
             op.gather(q, h, head, &mut qh);
-            for i in 0..t {
-                let p = &mut p[..=i];
-                let q_row = &qh[i * d..][..d];
-                CausalAttention::weights(q_row, &kh, d, scale, p);
-                let do_row = &d_o[(i * h + head) * d..][..d];
-                // softmax backward: ds_j = p_j (dp_j - sum_k p_k dp_k), and
-                // sum_k p_k dp_k = do . o.
-                let delta = dot(do_row, &o[(i * h + head) * d..][..d]);
-                let dq_row = &mut dqh[i * d..][..d];
-                for (j, &pj) in p.iter().enumerate() {
-                    let dp = dot(do_row, &vh[j * d..][..d]);
-                    let ds = pj * (dp - delta) * scale;
-                    axpy(ds, &kh[j * d..][..d], dq_row);
-                    axpy(ds, q_row, &mut grads.dk[j * d..][..d]);
-                    axpy(pj, do_row, &mut grads.dv[j * d..][..d]);
+            for i0 in (0..t).step_by(BLOCK) {
+                let rows = BLOCK.min(t - i0);
+                let keys = i0 + rows;
+                let (p, ds) = (&mut p[..rows * keys], &mut ds[..rows * keys]);
+                block_weights(&qh, &kh, d, i0, rows, scale, p);
+                // The gradient rows of the block's outputs, (rows, d), h * d apart.
+                let d_out = Strided { data: &d_o[(i0 * h + head) * d..], rows, cols: d, rs: h * d, cs: 1 };
+                // dP = dO V^T.
+                let v_t = Strided { data: &v[kv_head * d..], rows: d, cols: keys, rs: 1, cs: g * d };
+                matmul(ds, keys, false, d_out, v_t, 1.0);
+                // Softmax backward: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), and the sum
+                // is dO_i . O_i.
+                for (r, (ds_row, p_row)) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).enumerate() {
+                    let i = i0 + r;
+                    let delta = dot(&d_o[(i * h + head) * d..][..d], &o[(i * h + head) * d..][..d]);
+                    for (s, &pj) in ds_row.iter_mut().zip(p_row) {
+                        *s = pj * (*s - delta) * scale;
+                    }
                 }
+                let (scores_grad, weights) = (
+                    Strided { data: ds, rows, cols: keys, rs: keys, cs: 1 },
+                    Strided { data: p, rows, cols: keys, rs: keys, cs: 1 },
+                );
+                // dQ = dS K, dK += dS^T Q, dV += P^T dO.
+                let k_rows = Strided { data: &kh, rows: keys, cols: d, rs: d, cs: 1 };
+                matmul(&mut dqh[i0 * d..], d, false, scores_grad, k_rows, 1.0);
+                let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
+                matmul(&mut grads.dk, d, true, scores_grad.t(), q_block, 1.0);
+                matmul(&mut grads.dv, d, true, weights.t(), d_out, 1.0);
             }
         }
     }
@@ -928,8 +1050,9 @@ mod tests {
 
     #[test]
     fn attention_matches_the_graph_with_rope_and_gqa() {
-        let (b, t, d) = (2, 9, 8);
-        for (h, g, with_rope) in [(4, 4, true), (4, 2, true), (3, 1, false)] {
+        // 150 positions: blocks of queries, the last one short.
+        let (b, d) = (2, 8);
+        for (t, h, g, with_rope) in [(9, 4, 4, true), (9, 4, 2, true), (9, 3, 1, false), (150, 2, 1, true)] {
             let inputs = [
                 randn(&[b, t, h * d], 10),
                 randn(&[b, t, g * d], 11),
