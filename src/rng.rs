@@ -24,6 +24,13 @@ impl SplitMix64 {
         SplitMix64::new(base ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 
+    /// Output `n` of the stream of `seed` (what the `n + 1`-th [`SplitMix64::next_u64`]
+    /// returns), computed directly: a kernel that must redraw the same numbers in
+    /// another pass (attention dropout's backward) indexes the stream.
+    pub fn nth(seed: u64, n: u64) -> u64 {
+        SplitMix64::new(seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15))).next_u64()
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -68,6 +75,14 @@ mod tests {
         ];
         for value in expected {
             assert_eq!(rng.next_u64(), value);
+        }
+    }
+
+    #[test]
+    fn nth_indexes_the_stream() {
+        let mut rng = SplitMix64::new(42);
+        for n in 0..5 {
+            assert_eq!(SplitMix64::nth(42, n), rng.next_u64());
         }
     }
 

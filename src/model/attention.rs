@@ -199,21 +199,23 @@ impl Attention {
         let (b, t, _c) = xs.dims3()?; // (b, t, c)
         let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
         // A whole sequence without a cache (training, scoring): one fused kernel from the
-        // projections to o_proj's input, when it applies (f32 on the CPU, no dropout on
-        // the attention weights).
-        let no_dropout = rng.is_none() || self.dropout == 0.0;
-        if kv.is_none() && offset == 0 && no_dropout && t > 1 {
+        // projections to o_proj's input, when it applies (f32 on the CPU).
+        if kv.is_none() && offset == 0 && t > 1 {
             let rope = match rotary {
                 Some(rotary) => rotary.host_tables(),
                 None => None,
             };
+            let dropout = rng.filter(|_| self.dropout > 0.0).map(|rng| fused::AttentionDropout {
+                p: self.dropout,
+                seed: rng.next_seed(),
+            });
             if rotary.is_none() || rope.is_some() {
                 let (q, k, v) = (
                     self.q_proj.forward(xs, rng)?, // (b, t, h * d)
                     self.k_proj.forward(xs, rng)?, // (b, t, g * d)
                     self.v_proj.forward(xs, rng)?, // (b, t, g * d)
                 );
-                if let Some(out) = fused::causal_attention(&q, &k, &v, h, g, d, rope)? {
+                if let Some(out) = fused::causal_attention(&q, &k, &v, h, g, d, rope, dropout)? {
                     return self.o_proj.forward(&out, rng); // (b, t, c)
                 }
             }

@@ -33,6 +33,15 @@ impl DropoutRng {
         value
     }
 
+    /// A seed for a kernel that draws its own mask (the fused attention), the next
+    /// word of this pass's stream.
+    pub(crate) fn next_seed(&self) -> u64 {
+        let mut rng = self.state.get();
+        let seed = rng.next_u64();
+        self.state.set(rng);
+        seed
+    }
+
     /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
     pub(crate) fn dropout(&self, xs: &Tensor, p: f64) -> candle_core::Result<Tensor> {
         if p <= 0.0 {

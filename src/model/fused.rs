@@ -27,6 +27,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::rng::SplitMix64;
+
 /// Whether the kernels here can take `xs`: f32 on the CPU.
 fn applies(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -463,6 +465,42 @@ struct CausalAttention {
     kv_heads: usize,
     head_dim: usize,
     rope: Option<RopeTables>,
+    dropout: Option<AttentionDropout>,
+}
+
+/// Dropout on the attention weights (training): weight (i, j) of head `head` in batch
+/// row `bi` is kept unless draw `((bi * heads + head) * t + i) * t + j` of the SplitMix64
+/// stream of `seed`, as a uniform in [0, 1), falls below `p`; kept weights are scaled by
+/// 1 / (1 - p). Indexing the stream lets the backward pass redraw the forward's mask.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionDropout {
+    pub(crate) p: f64,
+    pub(crate) seed: u64,
+}
+
+impl AttentionDropout {
+    /// The mask factor (0 or 1 / (1 - p)) of weight (i, j) of attention map `map`
+    /// (`bi * heads + head`) over `t` positions.
+    #[inline(always)]
+    fn factor(&self, map: usize, t: usize, i: usize, j: usize) -> f32 {
+        let n = ((map * t + i) * t + j) as u64;
+        let uniform = (SplitMix64::nth(self.seed, n) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        if uniform < self.p {
+            0.0
+        } else {
+            (1.0 / (1.0 - self.p)) as f32
+        }
+    }
+
+    /// Multiplies `rows` (query rows `i0..`, `keys` columns each) of map `map` by the mask.
+    #[inline(always)]
+    fn apply(&self, map: usize, t: usize, i0: usize, keys: usize, rows: &mut [f32]) {
+        for (r, row) in rows.chunks_exact_mut(keys).enumerate() {
+            for (j, w) in row.iter_mut().enumerate().take(i0 + r + 1) {
+                *w *= self.factor(map, t, i0 + r, j);
+            }
+        }
+    }
 }
 
 /// The shapes one attention call works on.
@@ -553,14 +591,14 @@ impl CustomOp3 for CausalAttention {
         let heads: Vec<Vec<f32>> = (0..q.len() / per_q * h)
             .into_par_iter()
             .map(|task| {
-                let (bi, head) = (task / h, task % h);
+                let bi = task / h;
                 let qkv = [
                     &q[bi * per_q..][..per_q],
                     &k[bi * per_kv..][..per_kv],
                     &v[bi * per_kv..][..per_kv],
                 ];
                 let mut out = vec![0f32; t * d];
-                attention_fwd_head(self, dims, head, qkv, &mut out);
+                attention_fwd_head(self, dims, task, qkv, &mut out);
                 out
             })
             .collect();
@@ -611,7 +649,7 @@ impl CustomOp3 for CausalAttention {
                         dk: vec![0f32; t * d],
                         dv: vec![0f32; t * d],
                     };
-                    attention_bwd_group(self, dims, kv_head, rows, &mut grads);
+                    attention_bwd_group(self, dims, (bi, kv_head), rows, &mut grads);
                     grads
                 })
                 .collect();
@@ -737,17 +775,18 @@ fn block_weights(qh: &[f32], kh: &[f32], d: usize, i0: usize, rows: usize, scale
 }
 
 simd_kernel! {
-    /// Query head `head` of one batch row of the attention forward: `q` (t, h * d),
-    /// `k`, `v` (t, g * d) into `out` (t, d).
+    /// Attention map `map` (`bi * h + head`: query head `head` of batch row `bi`) of
+    /// the forward, from that row's `q` (t, h * d), `k`, `v` (t, g * d) into `out` (t, d).
     fn attention_fwd_head(
         op: &CausalAttention,
         dims: Dims,
-        head: usize,
+        map: usize,
         qkv: [&[f32]; 3],
         out: &mut [f32],
     ) {
         let [q, k, v] = qkv;
         let Dims { t, h, g, d } = dims;
+        let head = map % h;
         let scale = 1.0 / (d as f32).sqrt();
         let kv_head = head / (h / g);
         let (mut qh, mut kh) = (vec![0f32; t * d], vec![0f32; t * d]);
@@ -759,6 +798,9 @@ simd_kernel! {
             let keys = i0 + rows;
             let p = &mut p[..rows * keys];
             block_weights(&qh, &kh, d, i0, rows, scale, p);
+            if let Some(dropout) = &op.dropout {
+                dropout.apply(map, t, i0, keys, p);
+            }
             let weights = Strided { data: p, rows, cols: keys, rs: keys, cs: 1 };
             let values = Strided { data: &v[kv_head * d..], rows: keys, cols: d, rs: g * d, cs: 1 };
             matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
@@ -767,25 +809,30 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// The attention backward for kv head `kv_head` of one batch row and the query heads
-    /// sharing it: from the inputs `q`, `k`, `v`, the output `o` and its gradient `d_o`
+    /// The attention backward for `task` = (batch row `bi`, kv head `kv_head`) and the
+    /// query heads sharing that kv head: from the inputs `q`, `k`, `v`, the output `o` and its gradient `d_o`
     /// into `grads`.
     fn attention_bwd_group(
         op: &CausalAttention,
         dims: Dims,
-        kv_head: usize,
+        task: (usize, usize),
         rows: [&[f32]; 5],
         grads: &mut GroupGrads,
     ) {
+        let (bi, kv_head) = task;
         let [q, k, v, o, d_o] = rows;
         let Dims { t, h, g, d } = dims;
         let scale = 1.0 / (d as f32).sqrt();
         let group = h / g;
         let (mut qh, mut kh) = (vec![0f32; t * d], vec![0f32; t * d]);
         op.gather(k, g, kv_head, &mut kh);
-        let (mut p, mut ds) = (vec![0f32; BLOCK.min(t) * t], vec![0f32; BLOCK.min(t) * t]);
+        let block = BLOCK.min(t) * t;
+        let (mut p, mut ds) = (vec![0f32; block], vec![0f32; block]);
+        // The dropped-out weights, which the values were summed with.
+        let mut dropped = vec![0f32; if op.dropout.is_some() { block } else { 0 }];
         for (member, dqh) in grads.dq.chunks_exact_mut(t * d).enumerate() {
             let head = kv_head * group + member;
+            let map = bi * h + head;
             op.gather(q, h, head, &mut qh);
             for i0 in (0..t).step_by(BLOCK) {
                 let rows = BLOCK.min(t - i0);
@@ -797,8 +844,17 @@ simd_kernel! {
                 // dP = dO V^T.
                 let v_t = Strided { data: &v[kv_head * d..], rows: d, cols: keys, rs: 1, cs: g * d };
                 matmul(ds, keys, false, d_out, v_t, 1.0);
+                let mut weighted = Strided { data: &*p, rows, cols: keys, rs: keys, cs: 1 };
+                if let Some(dropout) = &op.dropout {
+                    // Through the mask: the gradient of the weights before dropout.
+                    dropout.apply(map, t, i0, keys, ds);
+                    let dropped = &mut dropped[..rows * keys];
+                    dropped.copy_from_slice(p);
+                    dropout.apply(map, t, i0, keys, dropped);
+                    weighted.data = dropped;
+                }
                 // Softmax backward: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), and the sum
-                // is dO_i . O_i.
+                // is dO_i . O_i (with dropout too: O_i sums the dropped-out weights).
                 for (r, (ds_row, p_row)) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).enumerate() {
                     let i = i0 + r;
                     let delta = dot(&d_o[(i * h + head) * d..][..d], &o[(i * h + head) * d..][..d]);
@@ -806,24 +862,22 @@ simd_kernel! {
                         *s = pj * (*s - delta) * scale;
                     }
                 }
-                let (scores_grad, weights) = (
-                    Strided { data: ds, rows, cols: keys, rs: keys, cs: 1 },
-                    Strided { data: p, rows, cols: keys, rs: keys, cs: 1 },
-                );
+                let scores_grad = Strided { data: ds, rows, cols: keys, rs: keys, cs: 1 };
                 // dQ = dS K, dK += dS^T Q, dV += P^T dO.
                 let k_rows = Strided { data: &kh, rows: keys, cols: d, rs: d, cs: 1 };
                 matmul(&mut dqh[i0 * d..], d, false, scores_grad, k_rows, 1.0);
                 let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
                 matmul(&mut grads.dk, d, true, scores_grad.t(), q_block, 1.0);
-                matmul(&mut grads.dv, d, true, weights.t(), d_out, 1.0);
+                matmul(&mut grads.dv, d, true, weighted.t(), d_out, 1.0);
             }
         }
     }
 }
 
 /// Causal self-attention over `q` (b, t, heads * d) and `k`, `v` (b, t, kv_heads * d),
-/// straight from the projections, with RoPE for positions `0..t` when `rope` is given;
-/// returns (b, t, heads * d), or `None` when the kernel does not apply.
+/// straight from the projections, with RoPE for positions `0..t` when `rope` is given
+/// and dropout on the attention weights when `dropout` is; returns (b, t, heads * d),
+/// or `None` when the kernel does not apply.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -832,6 +886,7 @@ pub(crate) fn causal_attention(
     kv_heads: usize,
     head_dim: usize,
     rope: Option<RopeTables>,
+    dropout: Option<AttentionDropout>,
 ) -> candle_core::Result<Option<Tensor>> {
     if !applies(q) || !applies(k) || !applies(v) || heads % kv_heads != 0 || head_dim % 2 != 0 {
         return Ok(None);
@@ -841,6 +896,7 @@ pub(crate) fn causal_attention(
         kv_heads,
         head_dim,
         rope,
+        dropout,
     };
     Ok(Some(q.contiguous()?.apply_op3(
         &k.contiguous()?,
@@ -976,6 +1032,7 @@ mod tests {
         g: usize,
         d: usize,
         rope: Option<&(Tensor, Tensor)>,
+        dropout_mask: Option<&Tensor>,
     ) -> Tensor {
         let (b, t, _) = x[0].dims3().unwrap();
         let split = |x: &Tensor, heads: usize| {
@@ -1018,6 +1075,10 @@ mod tests {
         let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
         let probs =
             candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+        let probs = match dropout_mask {
+            Some(m) => (probs * m).unwrap(),
+            None => probs,
+        };
         probs
             .matmul(&v)
             .unwrap()
@@ -1063,13 +1124,50 @@ mod tests {
                 &inputs,
                 |x| {
                     let rope = with_rope.then(|| host.clone());
-                    causal_attention(&x[0], &x[1], &x[2], h, g, d, rope)
+                    causal_attention(&x[0], &x[1], &x[2], h, g, d, rope, None)
                         .unwrap()
                         .unwrap()
                 },
-                |x| attention_graph(x, h, g, d, with_rope.then_some(&tensors)),
+                |x| attention_graph(x, h, g, d, with_rope.then_some(&tensors), None),
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn attention_dropout_matches_the_graph_with_the_same_mask() {
+        // Values and gradients equal the graph's with the mask the kernel draws, and
+        // about p of the causal weights are dropped.
+        let (b, t, d, h, g) = (2, 70, 8, 4, 2);
+        let dropout = AttentionDropout { p: 0.3, seed: 11 };
+        let inputs = [
+            randn(&[b, t, h * d], 20),
+            randn(&[b, t, g * d], 21),
+            randn(&[b, t, g * d], 22),
+        ];
+        let mut factors = vec![0f32; b * h * t * t];
+        for (map, rows) in factors.chunks_exact_mut(t * t).enumerate() {
+            for (i, row) in rows.chunks_exact_mut(t).enumerate() {
+                for (j, f) in row.iter_mut().enumerate().take(i + 1) {
+                    *f = dropout.factor(map, t, i, j);
+                }
+            }
+        }
+        let causal = b * h * t * (t + 1) / 2;
+        let dropped = causal - factors.iter().filter(|&&f| f > 0.0).count();
+        let share = dropped as f64 / causal as f64;
+        assert!((share - 0.3).abs() < 0.02, "dropped {share}");
+        let mask = Tensor::from_vec(factors, (b, h, t, t), &Device::Cpu).unwrap();
+        let (host, tensors) = tables(t, d);
+        check(
+            &inputs,
+            |x| {
+                causal_attention(&x[0], &x[1], &x[2], h, g, d, Some(host.clone()), Some(dropout))
+                    .unwrap()
+                    .unwrap()
+            },
+            |x| attention_graph(x, h, g, d, Some(&tensors), Some(&mask)),
+            1e-5,
+        );
     }
 }
