@@ -215,7 +215,7 @@ impl Attention {
                     self.k_proj.forward(xs, rng)?, // (b, t, g * d)
                     self.v_proj.forward(xs, rng)?, // (b, t, g * d)
                 );
-                if let Some(out) = fused::causal_attention(&q, &k, &v, h, g, d, rope, dropout)? {
+                if let Some(out) = fused::causal_attention(&q, &k, &v, (h, g, d), rope, dropout)? {
                     return self.o_proj.forward(&out, rng); // (b, t, c)
                 }
             }

@@ -875,19 +875,18 @@ simd_kernel! {
 }
 
 /// Causal self-attention over `q` (b, t, heads * d) and `k`, `v` (b, t, kv_heads * d),
-/// straight from the projections, with RoPE for positions `0..t` when `rope` is given
+/// `(heads, kv_heads, d)` given as `shape`, straight from the projections, with RoPE for positions `0..t` when `rope` is given
 /// and dropout on the attention weights when `dropout` is; returns (b, t, heads * d),
 /// or `None` when the kernel does not apply.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+    shape: (usize, usize, usize),
     rope: Option<RopeTables>,
     dropout: Option<AttentionDropout>,
 ) -> candle_core::Result<Option<Tensor>> {
+    let (heads, kv_heads, head_dim) = shape;
     if !applies(q) || !applies(k) || !applies(v) || heads % kv_heads != 0 || head_dim % 2 != 0 {
         return Ok(None);
     }
@@ -1124,7 +1123,7 @@ mod tests {
                 &inputs,
                 |x| {
                     let rope = with_rope.then(|| host.clone());
-                    causal_attention(&x[0], &x[1], &x[2], h, g, d, rope, None)
+                    causal_attention(&x[0], &x[1], &x[2], (h, g, d), rope, None)
                         .unwrap()
                         .unwrap()
                 },
@@ -1162,7 +1161,7 @@ mod tests {
         check(
             &inputs,
             |x| {
-                causal_attention(&x[0], &x[1], &x[2], h, g, d, Some(host.clone()), Some(dropout))
+                causal_attention(&x[0], &x[1], &x[2], (h, g, d), Some(host.clone()), Some(dropout))
                     .unwrap()
                     .unwrap()
             },
