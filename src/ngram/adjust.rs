@@ -17,6 +17,8 @@
 //! than its adjusted count, because lmplz flushes that n-gram from a different
 //! code path. It moves the discounts by a few parts in a million.
 
+use rayon::prelude::*;
+
 use super::count::PaddedCounts;
 use super::hash::NgramIndex;
 use super::vocab::BOS;
@@ -34,9 +36,15 @@ pub(crate) struct OrderCounts {
 }
 
 impl OrderCounts {
+    /// Frees the counts, keeping the n-grams: all that interpolation reads.
+    pub(crate) fn drop_counts(&mut self) {
+        self.raw = Vec::new();
+        self.adjusted = Vec::new();
+    }
+
     /// Number of n-grams.
     pub(crate) fn len(&self) -> usize {
-        self.raw.len()
+        self.words.len() / self.order
     }
 
     /// The `row`-th n-gram.
@@ -155,6 +163,10 @@ fn suffix_table(padded: &PaddedCounts, n: usize) -> OrderCounts {
         }
         row = end;
     }
+    // Give back what doubling over-reserved: these tables live through estimation.
+    table.words.shrink_to_fit();
+    table.raw.shrink_to_fit();
+    table.adjusted.shrink_to_fit();
     table
 }
 
@@ -167,6 +179,7 @@ pub(crate) fn context_rows(orders: &[OrderCounts]) -> Vec<Vec<u32>> {
         let index = NgramIndex::new(&lower.words, n - 1);
         let table = &orders[n - 1];
         let rows = (0..table.len())
+            .into_par_iter()
             .map(|row| {
                 let ngram = table.ngram(row);
                 let context = index

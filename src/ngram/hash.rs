@@ -106,7 +106,10 @@ impl NgramIndex {
                 return None;
             }
             let row = row as usize;
-            if &words[row * order..(row + 1) * order] == ngram {
+            // A loop, not slice equality: n-grams are a few words, too short to
+            // pay for a call to memcmp.
+            let stored = &words[row * order..(row + 1) * order];
+            if stored.iter().zip(ngram).all(|(a, b)| a == b) {
                 return Some(row);
             }
             slot = (slot + 1) & self.mask;

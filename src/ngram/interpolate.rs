@@ -119,9 +119,9 @@ pub(crate) fn interpolate(
 
         let mut out = ArpaOrder {
             order: n,
-            words: Vec::new(),
-            log10_prob: Vec::new(),
-            log10_backoff: Vec::new(),
+            words: Vec::with_capacity(table.words.len()),
+            log10_prob: Vec::with_capacity(table.len()),
+            log10_backoff: Vec::with_capacity(table.len()),
         };
         for (row, &prob) in probs.iter().enumerate() {
             if keep.get(n - 1).is_some_and(|k| !k.is_empty() && !k[row]) {
@@ -142,6 +142,10 @@ pub(crate) fn interpolate(
                 0.0
             });
         }
+        // Pruning keeps fewer rows than reserved.
+        out.words.shrink_to_fit();
+        out.log10_prob.shrink_to_fit();
+        out.log10_backoff.shrink_to_fit();
         arpa_orders.push(out);
         lower_probs = probs;
     }

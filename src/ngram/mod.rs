@@ -223,7 +223,7 @@ pub fn train_reader<R: BufRead>(
     if opts.smoothing != Smoothing::JelinekMercer {
         let mut vocab = vocab::Vocabulary::with_specials();
         let padded = count::count_ngrams(reader, source, &count_opts, &mut vocab)?;
-        return estimate(&padded, vocab, opts, &thresholds, &[]);
+        return estimate(padded, vocab, opts, &thresholds, &[]);
     }
 
     // Jelinek-Mercer: tune lambdas on held-out text, then estimate from all of
@@ -283,7 +283,7 @@ pub fn train_reader<R: BufRead>(
     }
     let mut vocab = vocab::Vocabulary::with_specials();
     let padded = count::count_ngrams(text.as_slice(), source, &count_opts, &mut vocab)?;
-    let mut trained = estimate(&padded, vocab, opts, &thresholds, &tuned.lambdas)?;
+    let mut trained = estimate(padded, vocab, opts, &thresholds, &tuned.lambdas)?;
     trained.warnings.splice(0..0, warnings);
     trained.lambdas = tuned.lambdas;
     Ok(trained)
@@ -291,13 +291,15 @@ pub fn train_reader<R: BufRead>(
 
 /// The stages after counting: adjust, discount or estimate, interpolate.
 fn estimate(
-    padded: &count::PaddedCounts,
+    padded: count::PaddedCounts,
     vocab: vocab::Vocabulary,
     opts: &TrainOptions,
     thresholds: &[u64],
     lambdas: &[f64],
 ) -> Result<Trained> {
-    let tables = adjust::adjust_counts(padded, vocab.len());
+    let mut tables = adjust::adjust_counts(&padded, vocab.len());
+    // Memory: each stage's input is freed once the next stage has what it needs.
+    drop(padded);
     let orders = &tables.orders;
     let contexts = adjust::context_rows(orders);
     let suffixes = adjust::suffix_rows(orders);
@@ -352,8 +354,11 @@ fn estimate(
     };
     // lmplz: 1.0 / float(V) in double, stored as float.
     let uniform = (1.0 / f64::from(vocab_size as f32)) as f32;
+    // Interpolation reads the n-grams, not their counts or contexts.
+    drop(contexts);
+    tables.orders.iter_mut().for_each(adjust::OrderCounts::drop_counts);
     let model = interpolate::interpolate(
-        orders,
+        &tables.orders,
         &suffixes,
         &estimates,
         &keep,
