@@ -1,6 +1,8 @@
 //! `nlp bpe train|encode|decode|stats|export`.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
+
+use rayon::prelude::*;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -15,9 +17,9 @@ use crate::config::parse_size;
 use crate::data;
 use crate::tokenize::{self, AnyTokenizer, EncodeOptions, ModelKind, Progress, Tokenizer, TrainOptions};
 
-/// Lines encoded or decoded per parallel batch: large enough to keep every core
-/// busy, small enough to stream a large file in bounded memory.
-const LINES_PER_BATCH: usize = 16_384;
+/// Bytes of input read at a time by `encode` and `decode`: large enough to keep every
+/// core busy, small enough to stream a large file in bounded memory.
+const BLOCK_BYTES: usize = 1 << 22;
 
 pub fn run(ctx: &Context, command: BpeCommand) -> Result<()> {
     match command {
@@ -111,37 +113,57 @@ fn train(ctx: &Context, args: &BpeTrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads the input (a corpus or stdin) as lines of bytes, in batches, without the
-/// line terminators, and hands each batch to `each`.
-fn for_each_batch(input: &str, mut each: impl FnMut(&[Vec<u8>]) -> Result<()>) -> Result<()> {
+/// Reads the input (a corpus or stdin) in blocks of whole lines (about `BLOCK_BYTES`
+/// each, the last one possibly without its final newline) and hands each to `each`.
+fn for_each_block(input: &str, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
     let mut reader: Box<dyn BufRead> = if input == "-" {
         Box::new(std::io::stdin().lock())
     } else {
         data::resolve(input)?.open()?
     };
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(LINES_PER_BATCH);
+    let mut block: Vec<u8> = Vec::with_capacity(BLOCK_BYTES + (1 << 16));
     loop {
-        let mut line = Vec::new();
-        let read = reader.read_until(b'\n', &mut line).with_context(|| format!("reading {input}"))?;
-        if read == 0 {
-            break;
+        // Fill to the block size, then finish the line that straddles it.
+        let want = BLOCK_BYTES.saturating_sub(block.len()) as u64;
+        let read = (&mut reader).take(want).read_to_end(&mut block).with_context(|| format!("reading {input}"))?;
+        let more = reader.read_until(b'\n', &mut block).with_context(|| format!("reading {input}"))?;
+        if block.is_empty() {
+            return Ok(());
         }
-        if line.last() == Some(&b'\n') {
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-        }
-        batch.push(line);
-        if batch.len() == LINES_PER_BATCH {
-            each(&batch)?;
-            batch.clear();
+        each(&block)?;
+        block.clear();
+        if read == 0 && more == 0 {
+            return Ok(());
         }
     }
-    if !batch.is_empty() {
-        each(&batch)?;
+}
+
+/// The lines of a block, without their terminators (`\n` or `\r\n`).
+fn lines_of(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let any = !block.is_empty();
+    block
+        .strip_suffix(b"\n")
+        .unwrap_or(block)
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter(move |_| any)
+}
+
+/// `block` cut at line ends into about `parts` pieces of whole lines.
+fn split_lines(block: &[u8], parts: usize) -> Vec<&[u8]> {
+    let step = block.len().div_ceil(parts.max(1)).max(1);
+    let mut pieces = Vec::with_capacity(parts);
+    let mut rest = block;
+    while !rest.is_empty() {
+        let cut = match rest.get(step..).and_then(|tail| tail.iter().position(|&b| b == b'\n')) {
+            Some(at) => step + at + 1,
+            None => rest.len(),
+        };
+        let (piece, tail) = rest.split_at(cut);
+        pieces.push(piece);
+        rest = tail;
     }
-    Ok(())
+    pieces
 }
 
 fn encode(ctx: &Context, args: &BpeEncodeArgs) -> Result<()> {
@@ -155,31 +177,50 @@ fn encode(ctx: &Context, args: &BpeEncodeArgs) -> Result<()> {
             bail!("--dropout {p}: a probability must lie in [0, 1]");
         }
     }
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut line_number = 0u64;
-    for_each_batch(&args.input, |lines| {
+    // Each worker encodes and formats its own run of lines, so reading and writing
+    // are the only serial work.
+    let encode_piece = |piece: &[u8], first_line: u64| -> Result<Vec<u8>> {
+        let lines = lines_of(piece);
         let encoded: Vec<Vec<u32>> = if regularize {
             lines
-                .iter()
                 .enumerate()
                 .map(|(i, line)| {
                     // One seed per line, so a line's segmentation does not depend on
-                    // how the input was batched.
+                    // how the input was split.
                     let options = EncodeOptions {
                         dropout: args.dropout,
                         alpha: args.alpha,
                         nbest: args.nbest,
-                        seed: ctx.config.run.seed ^ (line_number + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                        seed: ctx.config.run.seed ^ (first_line + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     };
                     tokenizer.encode_with(&String::from_utf8_lossy(line), &options)
                 })
                 .collect()
         } else {
-            tokenizer.encode_batch(lines)
+            tokenizer.encode_each(lines)
         };
-        line_number += lines.len() as u64;
+        let mut text = Vec::with_capacity(piece.len() * 2);
         for ids in &encoded {
-            write_encoded(&mut out, &tokenizer, ids, args.pieces, ctx.json)?;
+            write_encoded(&mut text, &tokenizer, ids, args.pieces, ctx.json)?;
+        }
+        Ok(text)
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line_number = 0u64;
+    for_each_block(&args.input, |block| {
+        let pieces = split_lines(block, rayon::current_num_threads() * 4);
+        let mut firsts = Vec::with_capacity(pieces.len());
+        for piece in &pieces {
+            firsts.push(line_number);
+            line_number += lines_of(piece).count() as u64;
+        }
+        let texts: Vec<Result<Vec<u8>>> = pieces
+            .par_iter()
+            .zip(firsts)
+            .map(|(piece, first)| encode_piece(piece, first))
+            .collect();
+        for text in texts {
+            out.write_all(&text?)?;
         }
         Ok(())
     })?;
@@ -216,8 +257,8 @@ fn decode(_ctx: &Context, args: &BpeDecodeArgs) -> Result<()> {
     let tokenizer = tokenize::load_json(&args.tokenizer)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut line_number = 0usize;
-    for_each_batch(&args.input, |lines| {
-        for line in lines {
+    for_each_block(&args.input, |block| {
+        for line in lines_of(block) {
             line_number += 1;
             let text = std::str::from_utf8(line)
                 .with_context(|| format!("{}:{line_number}: not UTF-8", args.input))?;

@@ -184,12 +184,16 @@ impl CustomOp2 for RmsNorm {
             let mut dx = vec![0f32; x.len()];
             // d/dx_k of x_k r w_k with r = (mean(x^2) + eps)^(-1/2):
             // dx = r (g w) - x r^3 mean(g w x);  dw = sum over rows of g x r.
-            let dw = dx
-                .par_chunks_mut(c)
-                .zip(x.par_chunks(c).zip(g.par_chunks(c)))
-                .fold(
-                    || vec![0f32; c],
-                    |mut dw, (dx, (x, g))| {
+            // dw sums over rows in fixed groups, added up in order: the result does
+            // not depend on how rayon happens to split the work (training must be
+            // deterministic).
+            let group = 64 * c;
+            let partial: Vec<Vec<f32>> = dx
+                .par_chunks_mut(group)
+                .zip(x.par_chunks(group).zip(g.par_chunks(group)))
+                .map(|(dx, (x, g))| {
+                    let mut dw = vec![0f32; c];
+                    for (dx, (x, g)) in dx.chunks_mut(c).zip(x.chunks(c).zip(g.chunks(c))) {
                         let r = 1.0 / (dot(x, x) / c as f32 + self.eps).sqrt();
                         let mut gwx = 0f32;
                         for k in 0..c {
@@ -200,16 +204,14 @@ impl CustomOp2 for RmsNorm {
                         for k in 0..c {
                             dx[k] = r * g[k] * w[k] - x[k] * coeff;
                         }
-                        dw
-                    },
-                )
-                .reduce(
-                    || vec![0f32; c],
-                    |mut a, b| {
-                        axpy(1.0, &b, &mut a);
-                        a
-                    },
-                );
+                    }
+                    dw
+                })
+                .collect();
+            let mut dw = vec![0f32; c];
+            for part in &partial {
+                axpy(1.0, part, &mut dw);
+            }
             Ok((dx, dw))
         })?;
         Ok((
@@ -396,6 +398,9 @@ impl CustomOp1 for CrossEntropy {
             .par_chunks(v)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| (Self::row(row, None) - row[t as usize]) as f64)
+            .collect::<Vec<f64>>()
+            // Summed in row order: a parallel sum's grouping would vary from run to run.
+            .iter()
             .sum();
         Ok((
             CpuStorage::F32(vec![(total / n as f64) as f32]),

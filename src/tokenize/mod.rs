@@ -233,17 +233,19 @@ impl AnyTokenizer {
         let chunk = (texts.len() / (rayon::current_num_threads() * 8)).clamp(1, 4096);
         texts
             .par_chunks(chunk)
-            .flat_map_iter(|chunk| {
-                let mut state = EncodeState::default();
-                chunk
-                    .iter()
-                    .map(|text| {
-                        let text = text.as_ref();
-                        let mut out = Vec::with_capacity(text.len() / 3 + 1);
-                        self.encode_into(text, &mut state, &mut out);
-                        out
-                    })
-                    .collect::<Vec<_>>()
+            .flat_map_iter(|chunk| self.encode_each(chunk.iter().map(AsRef::as_ref)))
+            .collect()
+    }
+
+    /// Encodes texts one after another on this thread, sharing one pre-token cache:
+    /// what a worker that has its own share of the input runs.
+    pub fn encode_each<'a>(&self, texts: impl Iterator<Item = &'a [u8]>) -> Vec<Vec<u32>> {
+        let mut state = EncodeState::default();
+        texts
+            .map(|text| {
+                let mut out = Vec::with_capacity(text.len() / 3 + 1);
+                self.encode_into(text, &mut state, &mut out);
+                out
             })
             .collect()
     }
