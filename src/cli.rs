@@ -89,7 +89,7 @@ pub enum Command {
     /// models side by side.
     ///
     /// Examples: `nlp eval --perplexity -m runs/shakespeare tinyshakespeare[90%:]`;
-    /// `nlp eval --calibration --plot reliability.svg -m runs/shakespeare valid.txt`;
+    /// `nlp eval --calibration --plot reliability.png -m runs/shakespeare valid.txt`;
     /// `nlp eval --calibration --choices questions.jsonl -m runs/shakespeare`;
     /// `nlp eval --efficiency -m runs/shakespeare --prompt-tokens 256 --gen-tokens 64`;
     /// `nlp eval valid.txt --compare 3gram.arpa 5gram.arpa runs/shakespeare`.

@@ -5,7 +5,7 @@
 //! `crate::eval`, print a table or one JSON object.
 
 use std::io::{Read as _, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
@@ -16,8 +16,8 @@ use super::Context;
 use crate::data;
 use crate::rng::SplitMix64;
 use crate::eval::{
-    self, calibration::Calibration, choices, efficiency, perplexity::word_count, table::Table,
-    EfficiencySettings, Perplexity, Prediction,
+    self, calibration::Calibration, choices, efficiency, figure::ImageFormat,
+    perplexity::word_count, table::Table, EfficiencySettings, Perplexity, Prediction,
 };
 use crate::lm::LanguageModel;
 use crate::ngram::NgramModel;
@@ -89,8 +89,11 @@ pub struct EvalArgs {
     #[arg(long, value_name = "N", default_value_t = 15)]
     pub bins: usize,
 
-    /// Write the reliability diagram (bars with bin counts) as an SVG image.
-    #[arg(long, value_name = "FILE.svg")]
+    /// Write the reliability diagram to FILE: per-bin accuracy bars with their counts,
+    /// the gap to each bin's mean confidence shaded, the diagonal of perfect
+    /// calibration, ECE and MCE. The extension picks the format: .png (a 960x960
+    /// image) or .svg (scalable, with each bar's numbers shown on hover).
+    #[arg(long, value_name = "FILE.png|FILE.svg")]
     pub plot: Option<PathBuf>,
 
     /// Multiple-choice items for answer-level calibration, JSONL: {"prompt": "...",
@@ -140,14 +143,7 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size 0: a forward pass needs at least one window");
     }
-    if let Some(plot) = &args.plot {
-        if plot.extension().and_then(|e| e.to_str()) != Some("svg") {
-            bail!(
-                "--plot {}: the reliability diagram is written as SVG; name the file .svg",
-                plot.display()
-            );
-        }
-    }
+    let plot = args.plot.as_deref().map(plot_format).transpose()?;
     if !args.compare.is_empty() {
         return compare(ctx, &args);
     }
@@ -191,12 +187,9 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
                 &calibration,
                 "next-token calibration",
             );
-            if let Some(plot) = &args.plot {
+            if let Some(plot) = plot {
                 let title = format!("{}: next-token reliability", path.display());
-                crate::fsutil::write_atomic(
-                    plot,
-                    eval::reliability::svg(&calibration, &title).as_bytes(),
-                )?;
+                write_plot(plot, &calibration, &title)?;
             }
         }
     }
@@ -229,12 +222,9 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
             })
             .collect();
         report["answers"] = section;
-        if let (Some(plot), false) = (&args.plot, token_calibration) {
+        if let (Some(plot), false) = (plot, token_calibration) {
             let title = format!("{}: answer reliability", path.display());
-            crate::fsutil::write_atomic(
-                plot,
-                eval::reliability::svg(&answers.calibration, &title).as_bytes(),
-            )?;
+            write_plot(plot, &answers.calibration, &title)?;
         }
     }
     if args.efficiency {
@@ -259,6 +249,28 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
     }
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{out}")?;
+    Ok(())
+}
+
+/// The file of `--plot` and the image format its extension names.
+fn plot_format(path: &Path) -> Result<(&Path, ImageFormat)> {
+    match ImageFormat::from_path(path) {
+        Some(format) => Ok((path, format)),
+        None => bail!(
+            "--plot {}: the reliability diagram is written as PNG or SVG; name the file .png or .svg",
+            path.display()
+        ),
+    }
+}
+
+/// Writes the reliability diagram of `calibration` to `path` (atomically) in `format`.
+fn write_plot(
+    (path, format): (&Path, ImageFormat),
+    calibration: &Calibration,
+    title: &str,
+) -> Result<()> {
+    let image = eval::reliability::figure(calibration, title).encode(format)?;
+    crate::fsutil::write_atomic(path, &image)?;
     Ok(())
 }
 

@@ -9,7 +9,9 @@
 //! - [`window`]: the sliding-window plan of the strided perplexity recipe.
 //! - [`perplexity`]: log-likelihood, cross-entropy, perplexity and bits per byte.
 //! - [`calibration`]: expected and maximum calibration error over equal-width bins.
-//! - [`reliability`]: the reliability diagram as an SVG image.
+//! - [`reliability`]: the reliability diagram, laid out as a [`figure::Figure`].
+//! - [`figure`]: a figure as shapes, written as SVG or as PNG.
+//! - [`raster`]: the pixel canvas, bitmap font and PNG encoding behind a PNG figure.
 //! - [`choices`]: answer-level calibration over multiple-choice items (JSONL).
 //! - [`efficiency`]: load time, memory, time to first token, latency, throughput.
 //! - [`table`]: terminal tables, including the side-by-side comparison of models.
@@ -17,7 +19,9 @@
 pub mod calibration;
 pub mod choices;
 pub mod efficiency;
+pub mod figure;
 pub mod perplexity;
+pub mod raster;
 pub mod reliability;
 pub mod table;
 pub mod window;

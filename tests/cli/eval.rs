@@ -196,6 +196,45 @@ fn token_calibration_equals_the_values_worked_from_transformers_logits() {
 }
 
 #[test]
+fn plot_png_is_a_decodable_image_and_other_extensions_are_refused() {
+    let sandbox = Sandbox::new();
+    let ids = write_ids(&sandbox, "ids.txt", &tensor_rows("input_ids"));
+    let ids = ids.to_str().unwrap();
+    let model = tiny_llama();
+    let model = model.to_str().unwrap();
+    let report = eval_json(&sandbox, &["--calibration", "-m", model, "--ids", ids, "--plot", "r.png"]);
+    assert_eq!(report["samples"], 126);
+    let bytes = std::fs::read(sandbox.path().join("r.png")).unwrap();
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    // The 480-unit page at 2 pixels per unit, 8-bit RGB, on white.
+    assert_eq!((info.width, info.height, info.color_type), (960, 960, png::ColorType::Rgb));
+    assert_eq!(pixels[..3], [255, 255, 255]);
+    // Nothing but the PNG was left in the folder (the write is atomic).
+    let mut names: Vec<String> = std::fs::read_dir(sandbox.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ids.txt", "r.png"]);
+
+    // The multiple-choice path writes its diagram in the same formats.
+    sandbox.write("items.jsonl", "{\"prompt\": \"First\", \"choices\": [\" Citizen\", \" king\"], \"answer\": 0}\n");
+    eval_json(&sandbox, &["--calibration", "--choices", "items.jsonl", "-m", model, "--plot", "answers.PNG"]);
+    assert_eq!(std::fs::read(sandbox.path().join("answers.PNG")).unwrap()[1..4], *b"PNG");
+    for args in [
+        &["eval", "--calibration", "-m", model, "--ids", ids, "--plot", "x.jpg"][..],
+        &["eval", "--calibration", "--choices", "items.jsonl", "-m", model, "--plot", "x"][..],
+    ] {
+        let out = sandbox.nlp().args(args).output().unwrap();
+        let err = assert_one_line_error(&out);
+        assert!(err.contains("--plot x") && err.contains(".png or .svg"), "{err}");
+    }
+    assert!(!sandbox.path().join("x.jpg").exists());
+}
+
+#[test]
 fn answer_probabilities_add_forms_and_normalise_over_choices() {
     let sandbox = Sandbox::new();
     // Law: a choice made of two forms gets the sum of their probabilities, so its
