@@ -178,7 +178,11 @@ impl Companion {
                         main_path.join("tokenizer.json").display()
                     );
                 }
-                let subword = SubwordNgram::new(model, vocab)
+                let line_break = match main.encode("\n", "a line break")?.as_slice() {
+                    [id] => Some(*id),
+                    _ => None,
+                };
+                let subword = SubwordNgram::new(model, vocab, line_break)
                     .with_context(|| format!("{flag} {} beside the model {}", path.display(), main_path.display()))?;
                 Ok(Companion::Subword(subword))
             }
