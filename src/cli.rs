@@ -331,7 +331,9 @@ pub struct NgramTrainArgs {
     pub heldout: Option<String>,
 
     /// Count subword units instead of words: encode each line with this
-    /// tokenizer.json (from `nlp bpe train`); the model's words are the token ids.
+    /// tokenizer.json (from `nlp bpe train`, or a model directory's); the model's words
+    /// are the token ids, so it can draft for or be the amateur of that transformer
+    /// (`nlp generate -m DIR --draft ids.arpa`).
     #[arg(short, long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
 }

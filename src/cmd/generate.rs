@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-use super::loaded::Loaded;
+use super::loaded::{Companion, Loaded};
 use super::Context;
 use crate::decode::{
     self, BannedPhrases, BannedTokens, BeamSettings, Choice, ContrastiveSettings, DecodeSettings,
@@ -34,6 +34,13 @@ Processor order: the per-step processors run in the order of --processor-order, 
 phrases (--force) always run last so no filter removes a forced token. The choice rule
 (argmax with --greedy, else a seeded draw) picks from what the chain leaves.
 
+Second models (--amateur, --draft, --discriminator, --fudge) must share the model's token
+ids: a model directory with the same tokenizer, or beside an n-gram model one with the
+same words; beside a transformer, an n-gram model counted over the transformer's ids
+with `nlp ngram train -t DIR/tokenizer.json` (its words are ids; every one must be below
+the model's vocabulary size, which is how the pairing is checked, since an ARPA file
+does not name its tokenizer).
+
 Discriminators (--discriminator, --fudge): a language model of text that has the wanted
 attribute (a model directory or an n-gram file with the generator's vocabulary, e.g. an
 n-gram model trained on polite text). A text's attribute probability is Bayes' rule
@@ -52,6 +59,8 @@ Examples:
   nlp generate -m model/ --prompt 'ROMEO:' --temperature 0.8 --top-p 0.95 --seed 1
   nlp generate -m model/ --prompt 'ROMEO:' --beam 4 --max-new-tokens 24 --json
   nlp generate -m big/ --draft small/ --draft-k 4 --greedy --prompt 'ROMEO:'
+  nlp ngram train --order 5 -t big/tokenizer.json tinyshakespeare -o ids.arpa
+  nlp generate -m big/ --draft ids.arpa --greedy --prompt 'ROMEO:'
   nlp generate -m lm.arpa --mbr 16 --mbr-utility bleu --prompt 'the'
   echo 'Q: 2+3? A:' | nlp generate -m model/ - --self-consistency 9 --answer-regex '(\\d+)'";
 
@@ -170,7 +179,8 @@ pub struct GenerateArgs {
     #[arg(long, requires = "beam")]
     pub stochastic: bool,
 
-    /// Contrastive decoding against this smaller amateur model (Li et al. 2023).
+    /// Contrastive decoding against this smaller amateur model (Li et al. 2023): a model
+    /// directory, or beside a transformer an n-gram model counted over its token ids.
     #[arg(long, value_name = "MODEL")]
     pub amateur: Option<PathBuf>,
 
@@ -192,7 +202,8 @@ pub struct GenerateArgs {
     pub mbr_candidates: Option<usize>,
 
     /// Speculative decoding with this draft model (Leviathan et al. 2023); same output
-    /// distribution as the model alone.
+    /// distribution as the model alone. Beside a transformer, an n-gram model counted
+    /// over its token ids (`nlp ngram train -t DIR/tokenizer.json`) can draft.
     #[arg(long, value_name = "MODEL")]
     pub draft: Option<PathBuf>,
 
@@ -775,13 +786,14 @@ fn run_strategy<M: LanguageModel, A: LanguageModel>(
 }
 
 /// Dispatches on the concrete model types.
-pub(crate) fn dispatch(model: &Loaded, second: Option<&Loaded>, job: Job) -> Result<Vec<Output>> {
+pub(crate) fn dispatch(model: &Loaded, second: Option<&Companion>, job: Job) -> Result<Vec<Output>> {
     macro_rules! with_second {
         ($m:expr) => {
             match second {
                 None => run_strategy::<_, NgramModel>($m, None, job),
-                Some(Loaded::Transformer { model: s, .. }) => run_strategy($m, Some(s), job),
-                Some(Loaded::Ngram { model: s, .. }) => run_strategy($m, Some(s), job),
+                Some(Companion::Model(Loaded::Transformer { model: s, .. })) => run_strategy($m, Some(s), job),
+                Some(Companion::Model(Loaded::Ngram { model: s, .. })) => run_strategy($m, Some(s), job),
+                Some(Companion::Subword(s)) => run_strategy($m, Some(s), job),
             }
         };
     }
@@ -838,7 +850,7 @@ pub(crate) fn check_prompt_fits(model: &Loaded, prompt_len: usize) -> Result<()>
 pub(crate) struct Prepared {
     pub(crate) strategy: Strategy,
     pub(crate) model: Loaded,
-    pub(crate) second: Option<Loaded>,
+    pub(crate) second: Option<Companion>,
     pub(crate) settings: DecodeSettings,
     pub(crate) detokenize: decode::Detokenizer,
 }
@@ -847,22 +859,9 @@ fn prepare(ctx: &Context, args: &GenerateArgs) -> Result<Prepared> {
     // Parse, then build: every flag is checked before a model is loaded.
     let strategy = strategy(args)?;
     let model = Loaded::open_with_adapters(&args.model, ctx, &args.adapters)?;
-    let second = match second_model(args) {
-        Some((flag, path)) => {
-            let second = Loaded::open(path, ctx)?;
-            if second.vocab_size() != model.vocab_size() {
-                bail!(
-                    "{flag} {} has a vocabulary of {} tokens but the model {} has {}; the two must share one tokenizer (the same token ids)",
-                    path.display(),
-                    second.vocab_size(),
-                    args.model.display(),
-                    model.vocab_size()
-                );
-            }
-            Some(second)
-        }
-        None => None,
-    };
+    let second = second_model(args)
+        .map(|(flag, path)| Companion::open(flag, path, ctx, &model, &args.model))
+        .transpose()?;
     let (chain, choice) = processors(args, &model, &strategy)?;
     let detokenize = model.detokenizer();
     let settings = DecodeSettings {

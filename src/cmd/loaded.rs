@@ -13,7 +13,7 @@ use crate::decode::Detokenizer;
 use crate::eval::{Prediction, WindowScorer};
 use crate::lm::LanguageModel;
 use crate::model::Transformer;
-use crate::ngram::{self, NgramModel};
+use crate::ngram::{self, NgramModel, SubwordNgram};
 use crate::tokenize::{self, AnyTokenizer, Tokenizer};
 
 /// How a transformer directory's text maps to ids.
@@ -65,6 +65,20 @@ impl CharVocab {
         Some(CharVocab { pieces, ids, unk })
     }
 
+    /// The same vocabulary as a tokenizer that `tokenize` runs (a BPE model without
+    /// merges: every character one symbol, ids unchanged), for counting an n-gram model
+    /// over these ids with `nlp ngram train -t`.
+    pub fn to_tokenizer(&self) -> Result<AnyTokenizer> {
+        let bpe = tokenize::Bpe::new(self.pieces.clone(), Vec::new(), false, self.unk, false, false)?;
+        Ok(AnyTokenizer::new(
+            tokenize::Model::Bpe(bpe),
+            Vec::new(),
+            tokenize::PreTokenizer::None,
+            tokenize::Decoder::ByteFallback,
+            tokenize::ModelKind::Char,
+        ))
+    }
+
     pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, char> {
         text.chars()
             .map(|c| self.ids.get(&c).copied().or(self.unk).ok_or(c))
@@ -88,6 +102,14 @@ impl Codec {
                 Some(chars) => Ok(Codec::Chars(chars)),
                 None => Err(error.into()),
             },
+        }
+    }
+
+    /// The tokenizer `tokenize` runs for this file: what `nlp ngram -t` counts with.
+    pub fn load_tokenizer(path: &Path) -> Result<AnyTokenizer> {
+        match Codec::load(path)? {
+            Codec::Tokenizer(tokenizer) => Ok(*tokenizer),
+            Codec::Chars(chars) => chars.to_tokenizer(),
         }
     }
 
@@ -125,6 +147,61 @@ pub enum Loaded {
         model: NgramModel,
         words: Arc<Vec<String>>,
     },
+}
+
+/// The second model of a strategy (contrastive amateur, speculative draft,
+/// discriminator), seen in the main model's token ids.
+pub enum Companion {
+    /// A model whose ids are the main model's as they are.
+    Model(Loaded),
+    /// An n-gram model counted over the main transformer's token ids (`nlp ngram train
+    /// -t DIR/tokenizer.json`), viewed in that tokenizer's id space.
+    Subword(SubwordNgram),
+}
+
+impl Companion {
+    /// Opens the model at `path` (named by `flag`) to stand beside `main`, which was
+    /// opened from `main_path`. An n-gram model beside a transformer must have token ids
+    /// for words, all inside the transformer's vocabulary; any other pair must share the
+    /// vocabulary outright. A mismatch is one error line.
+    pub fn open(flag: &str, path: &Path, ctx: &Context, main: &Loaded, main_path: &Path) -> Result<Companion> {
+        let second = Loaded::open(path, ctx)?;
+        let vocab = main.vocab_size();
+        match (main, second) {
+            (Loaded::Transformer { .. }, Loaded::Ngram { model, .. }) => {
+                // An ARPA file does not name its tokenizer: the ids are the evidence.
+                if !SubwordNgram::counts_token_ids(&model) {
+                    bail!(
+                        "{flag} {}: its words are not token ids, so its vocabulary is not the model's; \
+                         count an n-gram model over the model's ids with `nlp ngram train -t {}`",
+                        path.display(),
+                        main_path.join("tokenizer.json").display()
+                    );
+                }
+                let line_break = match main.encode("\n", "a line break")?.as_slice() {
+                    [id] => Some(*id),
+                    _ => None,
+                };
+                let subword = SubwordNgram::new(model, vocab, line_break)
+                    .with_context(|| format!("{flag} {} beside the model {}", path.display(), main_path.display()))?;
+                Ok(Companion::Subword(subword))
+            }
+            (Loaded::Ngram { words, .. }, Loaded::Ngram { words: second_words, .. }) if *words != second_words => bail!(
+                "{flag} {}: its words and their ids differ from those of the n-gram model {}; \
+                 the two must share one vocabulary in one order",
+                path.display(),
+                main_path.display()
+            ),
+            (_, second) if second.vocab_size() != vocab => bail!(
+                "{flag} {} has a vocabulary of {} tokens but the model {} has {vocab}; \
+                 the two must share one tokenizer (the same token ids)",
+                path.display(),
+                second.vocab_size(),
+                main_path.display()
+            ),
+            (_, second) => Ok(Companion::Model(second)),
+        }
+    }
 }
 
 /// `DIR[:WEIGHT]`: a LoRA adapter directory and the factor on its update (default 1).

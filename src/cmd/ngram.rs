@@ -12,7 +12,8 @@ use crate::cli::{ModelFormat, NgramCommand, NgramConvertArgs, NgramQueryArgs, Ng
 use crate::config::parse_size;
 use crate::data;
 use crate::ngram::{self, NgramModel, TrainOptions};
-use crate::tokenize::{self, AnyTokenizer, IdLines};
+use super::loaded::Codec;
+use crate::tokenize::{AnyTokenizer, IdLines};
 
 pub fn run(ctx: &Context, command: NgramCommand) -> Result<()> {
     match command {
@@ -131,9 +132,10 @@ fn train(ctx: &Context, args: &NgramTrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A tokenizer.json whose ids become the n-gram model's words.
+/// A tokenizer.json whose ids become the n-gram model's words: any that a model
+/// directory may hold, so `-t DIR/tokenizer.json` counts in that model's ids.
 fn load_tokenizer(path: &Path) -> Result<AnyTokenizer> {
-    tokenize::load_json(path).with_context(|| format!("loading the tokenizer {}", path.display()))
+    Codec::load_tokenizer(path).with_context(|| format!("loading the tokenizer {}", path.display()))
 }
 
 fn query(ctx: &Context, args: &NgramQueryArgs) -> Result<()> {

@@ -14,9 +14,11 @@
 //! target's greedy output.
 //!
 //! Neither model's state can be truncated, so each keeps the state of a verified
-//! prefix plus a list of tokens still to feed: a rejected round forks back to the saved
-//! state and the accepted tokens are fed with the next round's draft, so the target
-//! still runs one pass per round.
+//! prefix plus a list of tokens still to feed. A round whose drafts are all accepted
+//! costs the target one pass (the bonus token is fed with the next draft); a rejected
+//! round forks back to the saved state and reads the verified tokens in a second pass,
+//! leaving only the replacement token to feed with the next draft, so no pass reads
+//! more than k + 1 tokens.
 
 use super::processors::softmax;
 use crate::rng::SplitMix64;
@@ -200,9 +202,17 @@ fn one<T: LanguageModel, D: LanguageModel>(
         // Both models fork back to a verified prefix plus tokens still to feed.
         let new_tokens: Vec<u32> = emitted.iter().map(|e| e.0).collect();
         if rejected {
+            // Back to the state before this round, then read what was verified (the
+            // tokens pending before it and the accepted drafts) at once: left pending,
+            // a run of rejected rounds would grow the list, and every verification
+            // pass with it, to the length of the whole generation.
             t_state = t_saved;
-            t_pending = t_pending_saved;
-            t_pending.extend_from_slice(&new_tokens);
+            let mut verified = t_pending_saved;
+            verified.extend_from_slice(&new_tokens[..new_tokens.len() - 1]);
+            if !verified.is_empty() {
+                target.advance_scored(&mut t_state, &verified)?;
+            }
+            t_pending = vec![*new_tokens.last().expect("a replacement token was emitted")];
             d_state = d_saved;
             d_pending = new_tokens;
         } else {

@@ -5,9 +5,12 @@
 //! with the tokenizer's own ids and vocabulary size, so it can be sampled on its own
 //! or stand beside a transformer that shares the tokenizer (as contrastive amateur or
 //! speculative draft). Each row is a proper distribution over the tokenizer's ids:
-//! ids the model never saw share `<unk>`'s probability equally, and the end-of-sentence
-//! mass is taken out and the rest renormalised, since a token stream has no sentence
-//! end.
+//! ids the model never saw share `<unk>`'s probability equally. Counting split the text
+//! into lines, one sentence each, so where the tokenizer has a token for a lone line
+//! break that token is the sentence boundary: it takes the end-of-sentence probability,
+//! and after it the context starts again at `<s>`. Without one, the end-of-sentence
+//! mass is taken out and the rest renormalised, since the token stream then has no
+//! sentence end.
 
 use crate::lm::LanguageModel;
 use crate::{Error, Result};
@@ -23,6 +26,8 @@ pub struct SubwordNgram {
     token_of_word: Vec<Option<u32>>,
     /// Tokenizer ids the model never saw; they share `<unk>`'s probability.
     unseen: usize,
+    /// The tokenizer's id for a lone line break: the sentence boundary the model counted.
+    line_break: Option<u32>,
 }
 
 impl SubwordNgram {
@@ -35,9 +40,10 @@ impl SubwordNgram {
         })
     }
 
-    /// Views `model` through a tokenizer of `vocab_size` ids. Fails when the model
-    /// holds a word that is not a token id below `vocab_size`.
-    pub fn new(model: NgramModel, vocab_size: usize) -> Result<Self> {
+    /// Views `model` through a tokenizer of `vocab_size` ids whose id for a lone line
+    /// break (`"\n"` encoded alone, if that is one token) is `line_break`. Fails when
+    /// the model holds a word that is not a token id below `vocab_size`.
+    pub fn new(model: NgramModel, vocab_size: usize, line_break: Option<u32>) -> Result<Self> {
         let unk = model.unk_id();
         let mut word_of_token = vec![unk; vocab_size];
         let mut token_of_word = vec![None; model.vocab_len()];
@@ -56,12 +62,21 @@ impl SubwordNgram {
             word_of_token[token as usize] = word_id;
             token_of_word[word_id as usize] = Some(token);
         }
+        // Lines were split at line breaks before counting, so the model never saw the
+        // line break's id; it is the end of sentence instead.
+        let line_break = line_break.filter(|&id| (id as usize) < vocab_size && word_of_token[id as usize] == unk);
+        if let (Some(id), Some(eos)) = (line_break, model.eos_id()) {
+            word_of_token[id as usize] = eos;
+            token_of_word[eos as usize] = Some(id);
+        }
+        let line_break = line_break.filter(|_| model.eos_id().is_some());
         let unseen = word_of_token.iter().filter(|&&w| w == unk).count();
         Ok(SubwordNgram {
             model,
             word_of_token,
             token_of_word,
             unseen,
+            line_break,
         })
     }
 
@@ -107,6 +122,11 @@ impl LanguageModel for SubwordNgram {
     }
 
     fn advance(&self, state: &mut Vec<u32>, token: u32) -> Result<()> {
+        if Some(token) == self.line_break {
+            // A new line is a new sentence.
+            *state = self.model.initial_state();
+            return Ok(());
+        }
         let word = *self.word_of_token.get(token as usize).ok_or_else(|| {
             Error::Invalid(format!(
                 "token id {token} is outside the tokenizer's vocabulary of {}",
@@ -138,7 +158,7 @@ mod tests {
 
     #[test]
     fn rows_are_distributions_over_the_tokenizer_ids() {
-        let lm = SubwordNgram::new(model(), 5).unwrap();
+        let lm = SubwordNgram::new(model(), 5, None).unwrap();
         assert_eq!(lm.vocab_size(), 5);
         let mut state = lm.initial_state();
         for token in [0, 1, 2, 4, 3] {
@@ -153,7 +173,7 @@ mod tests {
 
     #[test]
     fn seen_ids_keep_the_ratios_of_the_model() {
-        let lm = SubwordNgram::new(model(), 5).unwrap();
+        let lm = SubwordNgram::new(model(), 5, None).unwrap();
         let state = lm.initial_state();
         let row = &lm.next_logprobs(std::slice::from_ref(&state)).unwrap()[0];
         // After <s>: p(0) = 10^-0.2 from the bigram; p(1) = 10^(-0.3 - 0.8) backed off.
@@ -162,8 +182,29 @@ mod tests {
     }
 
     #[test]
+    fn a_line_break_token_is_the_sentence_end() {
+        // Id 4 is the line break: it takes </s>'s probability, and after it the model
+        // predicts as after <s>; id 2 alone shares <unk>'s.
+        let lm = SubwordNgram::new(model(), 5, Some(4)).unwrap();
+        let mut state = lm.initial_state();
+        let start = lm.next_logprobs(std::slice::from_ref(&state)).unwrap().remove(0);
+        // After <s>: p(0) = 10^-0.2 (bigram), p(</s>) = 10^(-0.3 - 0.6) backed off,
+        // p(2) = 10^(-0.3 - 1.0) (all of <unk>'s, backed off).
+        let ln10 = std::f64::consts::LN_10;
+        assert!(((start[0] - start[4]) as f64 - (-0.2 + 0.9) * ln10).abs() < 1e-5);
+        assert!(((start[4] - start[2]) as f64 - (-0.9 + 1.3) * ln10).abs() < 1e-5);
+        let total: f64 = start.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        for token in [1, 3, 4] {
+            lm.advance(&mut state, token).unwrap();
+        }
+        let after_break = lm.next_logprobs(std::slice::from_ref(&state)).unwrap().remove(0);
+        assert_eq!(after_break, start);
+    }
+
+    #[test]
     fn words_that_are_not_ids_are_refused() {
-        assert!(SubwordNgram::new(model(), 3).is_err(), "id 3 is not below 3");
+        assert!(SubwordNgram::new(model(), 3, None).is_err(), "id 3 is not below 3");
         assert!(SubwordNgram::counts_token_ids(&model()));
     }
 }

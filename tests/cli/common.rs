@@ -43,6 +43,30 @@ impl Sandbox {
     }
 }
 
+/// A tensor of `hf_tiny_llama/reference.safetensors` (i64 or f32) as rows of its last
+/// dimension.
+pub fn tensor_rows(name: &str) -> Vec<Vec<f64>> {
+    let path = shared().join("fixtures/hf_tiny_llama/reference.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = tensors.tensor(name).unwrap();
+    let values: Vec<f64> = match view.dtype() {
+        safetensors::Dtype::I64 => view
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        safetensors::Dtype::F32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+            .collect(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    };
+    let last = *view.shape().last().unwrap();
+    values.chunks(last).map(<[f64]>::to_vec).collect()
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -22,28 +22,6 @@ fn reference() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A tensor of `reference.safetensors` (i64 or f32) as rows of its last dimension.
-fn tensor_rows(name: &str) -> Vec<Vec<f64>> {
-    let bytes = std::fs::read(tiny_llama().join("reference.safetensors")).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors.tensor(name).unwrap();
-    let values: Vec<f64> = match view.dtype() {
-        safetensors::Dtype::I64 => view
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        safetensors::Dtype::F32 => view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
-            .collect(),
-        other => panic!("{name}: unexpected dtype {other:?}"),
-    };
-    let last = *view.shape().last().unwrap();
-    values.chunks(last).map(<[f64]>::to_vec).collect()
-}
-
 /// Writes the rows of ids as an --ids file, one sequence per line.
 fn write_ids(sandbox: &Sandbox, name: &str, ids: &[Vec<f64>]) -> PathBuf {
     let lines: Vec<String> = ids

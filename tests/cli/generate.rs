@@ -168,14 +168,13 @@ fn the_same_seed_gives_the_same_text() {
     assert_ne!(first[0], first[1], "two samples of one run differ");
 }
 
-#[test]
-fn speculative_greedy_equals_greedy_and_reports_acceptance() {
-    let sandbox = Sandbox::new();
+/// Greedy speculative decoding of the fixture's prompt `i`, 32 new tokens, with `draft`
+/// proposing `k` tokens a round; asserts the output is `transformers`' greedy output.
+fn speculative_greedy(sandbox: &Sandbox, i: usize, draft: &std::path::Path, k: usize) -> Value {
     let refs = refs();
-    let prompt = ids(&refs["prompt_0"]);
-    let fixture = fixture();
+    let prompt = ids(&refs[&format!("prompt_{i}")]);
     let out = generate_json(
-        &sandbox,
+        sandbox,
         &[
             "--prompt-ids",
             &csv(&prompt),
@@ -183,15 +182,23 @@ fn speculative_greedy_equals_greedy_and_reports_acceptance() {
             "--max-new-tokens",
             "32",
             "--draft",
-            fixture.to_str().unwrap(),
+            draft.to_str().unwrap(),
             "--draft-k",
-            "3",
+            &k.to_string(),
         ],
     );
-    assert_eq!(full_ids(&out[0]), ids(&refs["greedy_0"]));
+    // Exactness: the target's greedy output whatever the draft proposes.
+    assert_eq!(full_ids(&out[0]), ids(&refs[&format!("greedy_{i}")]), "prompt {i}");
+    out[0].clone()
+}
+
+#[test]
+fn speculative_greedy_equals_greedy_and_reports_acceptance() {
+    let sandbox = Sandbox::new();
+    let out = speculative_greedy(&sandbox, 0, &fixture(), 3);
     // The target as its own draft agrees with itself (up to float rounding between a
     // one-token step and a k-token verification pass).
-    assert!(out[0]["acceptance_rate"].as_f64().unwrap() > 0.9, "{}", out[0]);
+    assert!(out["acceptance_rate"].as_f64().unwrap() > 0.9, "{out}");
 }
 
 #[test]
@@ -438,4 +445,132 @@ fn bad_input_is_one_line() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let json: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(ids(&json["ids"]).len(), 40, "{json}");
+}
+
+/// Counts a `order`-gram model over the fixture tokenizer's ids on the first `bytes` of
+/// Tiny Shakespeare (`nlp ngram train -t`), as a draft or amateur for the fixture.
+fn ngram_over_fixture_ids(sandbox: &Sandbox, order: usize, bytes: usize) -> PathBuf {
+    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
+    let corpus = sandbox.write("corpus.txt", &text[..bytes]);
+    let arpa = sandbox.path().join("ids.arpa");
+    let output = sandbox
+        .nlp()
+        .args(["-q", "ngram", "train", "--order", &order.to_string(), "-t"])
+        .arg(fixture().join("tokenizer.json"))
+        .arg(&corpus)
+        .arg("-o")
+        .arg(&arpa)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    arpa
+}
+
+#[test]
+fn speculative_with_an_ngram_draft_equals_transformers_greedy() {
+    let sandbox = Sandbox::new();
+    let draft = ngram_over_fixture_ids(&sandbox, 4, 100_000);
+    for i in 0..3 {
+        let out = speculative_greedy(&sandbox, i, &draft, 4);
+        let rate = out["acceptance_rate"].as_f64().unwrap();
+        let (drafted, accepted) = (out["drafted"].as_u64().unwrap(), out["accepted"].as_u64().unwrap());
+        assert!((rate - accepted as f64 / drafted as f64).abs() < 1e-12, "{out}");
+        // The text model agrees with the character n-gram on some of "the see the see".
+        assert!(accepted > 0, "{out}");
+    }
+}
+
+/// The row an n-gram model over token ids gives every context when it has unigrams
+/// only, in the tokenizer's ids: listed ids keep their probability, the `unseen` others
+/// share `<unk>`'s equally, `</s>` (no token) is dropped and the rest renormalised.
+fn unigram_row(vocab: usize, listed: &[(usize, f64)], unk_log10: f64) -> Vec<f64> {
+    let unseen = vocab - listed.len();
+    let mut probs = vec![10f64.powf(unk_log10) / unseen as f64; vocab];
+    for &(id, log10_prob) in listed {
+        probs[id] = 10f64.powf(log10_prob);
+    }
+    let total: f64 = probs.iter().sum();
+    probs.iter().map(|p| (p / total).ln()).collect()
+}
+
+#[test]
+fn contrastive_with_an_ngram_amateur_picks_the_hand_computed_token() {
+    let sandbox = Sandbox::new();
+    // The expert's next-token rows after random prefixes, from `transformers`.
+    let input_ids = tensor_rows("input_ids");
+    let logits = tensor_rows("logits");
+    let log_softmax = |row: &[f64]| {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let norm = max + row.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        row.iter().map(|l| l - norm).collect::<Vec<f64>>()
+    };
+    let alpha = 0.1f64;
+    let plausible = |row: &[f64]| -> Vec<usize> {
+        let best = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (0..row.len()).filter(|&v| row[v] >= best + alpha.ln()).collect()
+    };
+    // A prefix after which the expert finds at least three tokens plausible.
+    let t = (8..64).find(|&t| plausible(&log_softmax(&logits[t - 1])).len() >= 3).expect("a prefix");
+    let expert = log_softmax(&logits[t - 1]);
+    let head = plausible(&expert);
+    let expert_best = *head.iter().max_by(|&&a, &&b| expert[a].total_cmp(&expert[b])).unwrap();
+    let other = *head.iter().find(|&&v| v != expert_best).unwrap();
+    // An amateur (unigrams over token ids) that is sure of the expert's favourite.
+    let listed = [(expert_best, -0.05), (other, -1.5)];
+    let unk_log10 = -1.2;
+    let arpa = format!(
+        "\\data\\\nngram 1=5\n\n\\1-grams:\n{unk_log10}\t<unk>\n-99\t<s>\n-1.0\t</s>\n\
+         {}\t{expert_best}\n{}\t{other}\n\n\\end\\\n",
+        listed[0].1, listed[1].1
+    );
+    let amateur_path = sandbox.write("amateur.arpa", &arpa);
+    let amateur = unigram_row(65, &listed, unk_log10);
+    let score = |v: usize| expert[v] - amateur[v];
+    let wanted = *head.iter().max_by(|&&a, &&b| score(a).total_cmp(&score(b))).unwrap();
+    assert_ne!(wanted, expert_best, "the amateur changes the pick");
+
+    let prompt: Vec<u64> = input_ids[0][..t].iter().map(|&id| id as u64).collect();
+    let out = generate_json(
+        &sandbox,
+        &[
+            "--prompt-ids",
+            &csv(&prompt),
+            "--amateur",
+            amateur_path.to_str().unwrap(),
+            "--contrast-alpha",
+            "0.1",
+            "--max-new-tokens",
+            "3",
+        ],
+    );
+    assert_eq!(out[0]["strategy"], "contrastive");
+    assert_eq!(ids(&out[0]["ids"])[0], wanted as u64, "{}", out[0]);
+    let logprob = out[0]["logprobs"][0].as_f64().unwrap();
+    assert!((logprob - expert[wanted]).abs() < 1e-4, "the expert's log-prob: {logprob} vs {}", expert[wanted]);
+}
+
+#[test]
+fn an_ngram_counted_with_another_tokenizer_is_one_line() {
+    let sandbox = Sandbox::new();
+    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
+    let corpus = sandbox.write("corpus.txt", &text[..20_000]);
+    let run = |args: &[&str]| {
+        let output = sandbox.nlp().arg("-q").args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+    };
+    // Byte-level BPE: 256 byte tokens and merges, so ids run past the fixture's 65.
+    run(&["bpe", "train", "--vocab-size", "300", corpus.to_str().unwrap(), "-o", "bpe.json"]);
+    run(&["ngram", "train", "--order", "3", "-t", "bpe.json", corpus.to_str().unwrap(), "-o", "bpe.arpa"]);
+    let fixture = fixture();
+    for flag in ["--draft", "--amateur", "--fudge"] {
+        let output = sandbox
+            .nlp()
+            .args(["generate", "-m"])
+            .arg(&fixture)
+            .args([flag, "bpe.arpa", "--prompt", "ROMEO:"])
+            .output()
+            .unwrap();
+        let err = assert_one_line_error(&output);
+        assert!(err.contains(flag) && err.contains("bpe.arpa") && err.contains("below 65"), "{err}");
+    }
 }
