@@ -118,7 +118,7 @@ impl Projection {
                     None => ys,
                 }
             }
-            false => self.linear.forward(xs)?, // (b, t, out)
+            false => few_rows_or_linear(&self.linear, xs)?, // (b, t, out)
         };
         for branch in &self.adapters {
             let input = match rng {
@@ -130,6 +130,18 @@ impl Projection {
             ys = (ys + (up * branch.scale)?)?;
         }
         Ok(ys)
+    }
+}
+
+/// `linear` applied to `xs`, through the few-row kernel when it applies (decoding a
+/// handful of positions at once).
+pub(crate) fn few_rows_or_linear(linear: &Linear, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match super::fused::few_rows_linear(xs, linear.weight())? {
+        Some(ys) => match linear.bias() {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
+        },
+        None => linear.forward(xs),
     }
 }
 

@@ -319,6 +319,61 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<T
     ))
 }
 
+// ---------------------------------------------------------------- few-row linear
+
+/// Row counts [`few_rows_linear`] takes: verifying a speculative draft, stepping beams.
+const FEW_ROWS: std::ops::RangeInclusive<usize> = 2..=16;
+
+simd_kernel! {
+    /// Output columns `first..first + out.len() / m` of `x W^T` for the `m` rows of `x`
+    /// (m, k), column-major into `out`: each weight row is read once for every row.
+    fn few_rows_columns(x: &[f32], w: &[f32], k: usize, m: usize, first: usize, out: &mut [f32]) {
+        for (j, column) in out.chunks_exact_mut(m).enumerate() {
+            let w_row = &w[(first + j) * k..][..k];
+            for (i, y) in column.iter_mut().enumerate() {
+                *y = dot(&x[i * k..][..k], w_row);
+            }
+        }
+    }
+}
+
+/// `x W^T` for a few rows of `x` (.., k) against `weight` (n, k), without gradients:
+/// each weight row is read once for all the rows, where a general matrix product
+/// would first copy the whole weight into its packed layout, which costs more than the
+/// arithmetic at two to sixteen rows. `None` when the kernel does not apply.
+pub(crate) fn few_rows_linear(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let k = xs.dims().last().copied().unwrap_or(0);
+    let rows = xs.elem_count() / k.max(1);
+    let applicable = applies(xs)
+        && applies(weight)
+        && !xs.track_op()
+        && !weight.track_op()
+        && FEW_ROWS.contains(&rows)
+        && weight.dims2().is_ok_and(|(_, wk)| wk == k);
+    if !applicable {
+        return Ok(None);
+    }
+    let n = weight.dim(0)?;
+    const COLUMNS_PER_TASK: usize = 64;
+    let out = with_host([xs, weight], "few-rows-linear", |[x, w]| {
+        let mut by_column = vec![0f32; n * rows];
+        by_column
+            .par_chunks_mut(COLUMNS_PER_TASK * rows)
+            .enumerate()
+            .for_each(|(task, out)| few_rows_columns(x, w, k, rows, task * COLUMNS_PER_TASK, out));
+        let mut out = vec![0f32; rows * n];
+        for (j, column) in by_column.chunks_exact(rows).enumerate() {
+            for (i, &y) in column.iter().enumerate() {
+                out[i * n + j] = y;
+            }
+        }
+        Ok(out)
+    })?;
+    let mut dims = xs.dims().to_vec();
+    *dims.last_mut().expect("at least one dimension") = n;
+    Ok(Some(Tensor::from_vec(out, dims, xs.device())?))
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 struct CrossEntropy {
@@ -1173,5 +1228,22 @@ mod tests {
             |x| attention_graph(x, h, g, d, Some(&tensors), Some(&mask)),
             1e-5,
         );
+    }
+
+    #[test]
+    fn few_rows_linear_matches_matmul_and_declines_other_shapes() {
+        let weight = randn(&[37, 24], 30).as_tensor().detach();
+        for rows in [2, 5, 16] {
+            let x = randn(&[1, rows, 24], 31).as_tensor().detach();
+            let fast = few_rows_linear(&x, &weight).unwrap().expect("applies");
+            let reference = x.broadcast_matmul(&weight.t().unwrap()).unwrap();
+            assert!(max_diff(&fast, &reference) < 1e-5);
+        }
+        let one = randn(&[1, 1, 24], 32).as_tensor().detach();
+        let many = randn(&[1, 17, 24], 33).as_tensor().detach();
+        assert!(few_rows_linear(&one, &weight).unwrap().is_none());
+        assert!(few_rows_linear(&many, &weight).unwrap().is_none());
+        let tracked = randn(&[1, 4, 24], 34);
+        assert!(few_rows_linear(tracked.as_tensor(), &weight).unwrap().is_none());
     }
 }

@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use super::adapter::Projection;
+use super::adapter::{few_rows_or_linear, Projection};
 use super::attention::{causal_mask, KvCache};
 use super::block::Block;
 use super::config::{ModelConfig, NormPosition, PositionKind};
@@ -245,9 +245,9 @@ impl Transformer {
             xs = norm.forward(&xs)?;
         }
         let logits = match &self.lm_head {
-            Some(lm_head) => lm_head.forward(&xs)?,
+            Some(lm_head) => few_rows_or_linear(lm_head, &xs)?,
             // Tied weights: the output projection is the input embedding.
-            None => Linear::new(self.embed_tokens.clone(), None).forward(&xs)?,
+            None => few_rows_or_linear(&Linear::new(self.embed_tokens.clone(), None), &xs)?,
         }; // (b, t, vocab)
         Ok(logits)
     }

@@ -102,7 +102,10 @@ fn merge_matches_unmerged_and_peft() {
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
     let reported = report["max_abs_logit_diff"].as_f64().unwrap();
-    assert!(reported < 1e-5, "{reported}");
+    // Two f32 computations of the same function: x (W + s B A) with the sum rounded
+    // once, and x W + s (x A) B. Their rounding differs by a few units in the last
+    // place of logits near 10, carried through four layers.
+    assert!(reported < 2e-5, "{reported}");
     // The merged directory is an ordinary model that gives PEFT's logits.
     let (ids, expected) = peft_reference();
     let merged = Transformer::from_pretrained(&out, &Device::Cpu, DType::F32).unwrap();
