@@ -79,14 +79,18 @@ fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from n's bits in the low mantissa of `shifted`: integer operations only
+    // (a float-to-int cast would keep the loop scalar).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Defines `fn $name` that runs its body compiled for AVX2 and FMA when the CPU has
@@ -129,6 +133,54 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The largest element (NEG_INFINITY for none), in eight lanes so that the loop
+/// vectorises.
+#[inline(always)]
+fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
+        }
+    }
+    tail.iter().chain(&acc).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// The sum of e^(x - shift) over `xs`, in eight lanes.
+#[inline(always)]
+fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] += exp(x[l] - shift);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Replaces each element by e^(x - shift) and returns their sum, in eight lanes.
+#[inline(always)]
+fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = xs.chunks_exact_mut(8);
+    for x in &mut chunks {
+        for l in 0..8 {
+            x[l] = exp(x[l] - shift);
+            acc[l] += x[l];
+        }
+    }
+    let mut tail = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - shift);
+        tail += *x;
+    }
     acc.iter().sum::<f32>() + tail
 }
 
@@ -384,8 +436,8 @@ impl CrossEntropy {
     /// Per row: log-sum-exp, and the softmax into `probs` when given.
     #[inline(always)]
     fn row(logits: &[f32], probs: Option<&mut [f32]>) -> f32 {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = logits.iter().map(|&l| exp(l - max)).sum();
+        let max = max_of(logits);
+        let sum = sum_exp_shifted(logits, max);
         if let Some(probs) = probs {
             for (p, &l) in probs.iter_mut().zip(logits) {
                 *p = exp(l - max) / sum;
@@ -812,11 +864,8 @@ fn matmul(dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: Strided, rhs: S
 #[inline(always)]
 fn causal_softmax(row: &mut [f32], i: usize) {
     let (live, masked) = row.split_at_mut(i + 1);
-    let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    for s in live.iter_mut() {
-        *s = exp(*s - max);
-    }
-    let inv = 1.0 / live.iter().sum::<f32>();
+    let max = max_of(live);
+    let inv = 1.0 / exp_shifted_sum(live, max);
     live.iter_mut().for_each(|s| *s *= inv);
     masked.fill(0.0);
 }
