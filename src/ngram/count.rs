@@ -13,8 +13,9 @@
 //! N-grams are fixed-width arrays of u32 ids in flat vectors. They are collected
 //! in blocks; a full block is sorted and its duplicates merged into a sorted run.
 //! Runs are k-way merged at the end. With a memory budget the block size follows
-//! from the budget and runs spill to temporary files (as lmplz does), so the
-//! counting pass needs about the budget plus the distinct N-grams.
+//! from the budget (up to the default block size) and runs spill to temporary files
+//! (as lmplz does), so the counting pass needs at most about the budget plus the
+//! distinct N-grams.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -133,11 +134,12 @@ const DEFAULT_BLOCK_ROWS: usize = 1 << 22;
 impl RunSorter {
     fn new(order: usize, memory_bytes: Option<u64>) -> Self {
         let (block_rows, spill) = match memory_bytes {
-            // A block, its sorted copy and the run made of it (ids plus a u64
-            // count) fit the budget.
+            // A block, its sorted copy and the run made of it (ids plus a u64 count)
+            // fit the budget; no larger than the default either, so a generous budget
+            // is a ceiling, not a target (runs of repetitive text shrink as they merge).
             Some(bytes) => {
                 let per_row = (order * 4 * 3 + 8) as u64;
-                ((bytes / per_row).max(1024) as usize, true)
+                ((bytes / per_row).clamp(1024, DEFAULT_BLOCK_ROWS as u64) as usize, true)
             }
             None => (DEFAULT_BLOCK_ROWS, false),
         };
