@@ -72,6 +72,16 @@ pub trait LanguageModel {
         Ok(rows)
     }
 
+    /// Forgets the last `drop` tokens fed to `state`, whose next-token log-probabilities
+    /// after the cut are `row` (the caller has them from [`LanguageModel::advance_scored`]).
+    /// Returns false, leaving the state as it was, when the model cannot cut back (an
+    /// n-gram state keeps only its context); the caller then re-feeds from a saved state.
+    /// Speculative decoding cuts its rejected drafts this way.
+    fn rewind(&self, state: &mut Self::State, drop: usize, row: &[f32]) -> Result<bool> {
+        let _ = (state, drop, row);
+        Ok(false)
+    }
+
     /// Log-probability (nats) of each token of `tokens` given the tokens before it,
     /// starting from [`LanguageModel::initial_state`].
     fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {

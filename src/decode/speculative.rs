@@ -13,12 +13,13 @@
 //! emit the target's argmax at the first mismatch, so the output is exactly the
 //! target's greedy output.
 //!
-//! Neither model's state can be truncated, so each keeps the state of a verified
-//! prefix plus a list of tokens still to feed. A round whose drafts are all accepted
-//! costs the target one pass (the bonus token is fed with the next draft); a rejected
-//! round forks back to the saved state and reads the verified tokens in a second pass,
-//! leaving only the replacement token to feed with the next draft, so no pass reads
-//! more than k + 1 tokens.
+//! Each model keeps the state of a verified prefix plus a list of tokens still to feed.
+//! A round whose drafts are all accepted costs the target one pass (the bonus token is
+//! fed with the next draft); after a rejection the target cuts the rejected drafts off
+//! its state (`LanguageModel::rewind`: the transformer drops cache positions), or, for
+//! a model that cannot, forks back to the saved state and reads the verified tokens in
+//! a second pass; only the replacement token is left to feed with the next draft, so
+//! no pass reads more than k + 1 tokens.
 
 use super::processors::softmax;
 use crate::rng::SplitMix64;
@@ -202,15 +203,19 @@ fn one<T: LanguageModel, D: LanguageModel>(
         // Both models fork back to a verified prefix plus tokens still to feed.
         let new_tokens: Vec<u32> = emitted.iter().map(|e| e.0).collect();
         if rejected {
-            // Back to the state before this round, then read what was verified (the
-            // tokens pending before it and the accepted drafts) at once: left pending,
-            // a run of rejected rounds would grow the list, and every verification
-            // pass with it, to the length of the whole generation.
-            t_state = t_saved;
-            let mut verified = t_pending_saved;
-            verified.extend_from_slice(&new_tokens[..new_tokens.len() - 1]);
-            if !verified.is_empty() {
-                target.advance_scored(&mut t_state, &verified)?;
+            // The target drops the rejected drafts from its state; a model that cannot
+            // cut back returns to the state before this round and reads what was
+            // verified (the tokens pending before it and the accepted drafts) at once:
+            // left pending, a run of rejected rounds would grow the list, and every
+            // verification pass with it, to the length of the whole generation.
+            let accepted = new_tokens.len() - 1;
+            if !target.rewind(&mut t_state, kk - accepted, &p_rows[accepted])? {
+                t_state = t_saved;
+                let mut verified = t_pending_saved;
+                verified.extend_from_slice(&new_tokens[..accepted]);
+                if !verified.is_empty() {
+                    target.advance_scored(&mut t_state, &verified)?;
+                }
             }
             t_pending = vec![*new_tokens.last().expect("a replacement token was emitted")];
             d_state = d_saved;

@@ -79,6 +79,19 @@ impl KvCache {
         self.len += t;
     }
 
+    /// Keeps the first `len` positions of every layer (no copy: a view of them).
+    pub(crate) fn truncate(&mut self, len: usize) -> candle_core::Result<()> {
+        if len > self.len {
+            candle_core::bail!("cannot keep {len} of {} cached positions", self.len);
+        }
+        for layer in self.layers.iter_mut().flatten() {
+            layer.k = layer.k.narrow(2, 0, len)?;
+            layer.v = layer.v.narrow(2, 0, len)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Joins caches of equal length along the batch dimension, for one batched step.
     pub(crate) fn stack(caches: &[&KvCache]) -> candle_core::Result<KvCache> {
         let first = caches

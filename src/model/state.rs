@@ -245,6 +245,19 @@ impl LanguageModel for Transformer {
         self.feed_scored(state, tokens)
     }
 
+    /// Drops the last `drop` cached positions (a view, no copy), as long as they are
+    /// all in the current window.
+    fn rewind(&self, state: &mut TransformerState, drop: usize, row: &[f32]) -> Result<bool> {
+        let fed = state.tokens.len() - state.window_start;
+        if drop == 0 || drop >= fed || row.len() != self.config().vocab_size {
+            return Ok(drop == 0);
+        }
+        state.kv_cache.truncate(state.kv_cache.len() - drop)?;
+        state.tokens.truncate(state.tokens.len() - drop);
+        state.next_logprobs = Some(row.into());
+        Ok(true)
+    }
+
     fn next_logprobs(&self, states: &[TransformerState]) -> Result<Vec<Vec<f32>>> {
         // Rows were computed by `advance` (batched by `advance_batch`); this only copies.
         let mut first = None;

@@ -597,6 +597,25 @@ fn sequences_past_the_position_table_are_an_error() {
 }
 
 #[test]
+fn rewinding_drops_the_last_tokens_as_if_never_fed() {
+    let model = fixture_model();
+    let mut state = model.prefill(&[45, 12, 56]).unwrap();
+    let rows = model.advance_scored(&mut state, &[56, 3, 17]).unwrap();
+    // Keep 45 12 56 56: the row after the kept prefix is rows[0].
+    assert!(model.rewind(&mut state, 2, &rows[0]).unwrap());
+    assert_eq!(state.tokens(), &[45, 12, 56, 56]);
+    model.advance(&mut state, 40).unwrap();
+    let fresh = model.prefill(&[45, 12, 56, 56, 40]).unwrap();
+    let (a, b) = (
+        model.next_logprobs(std::slice::from_ref(&state)).unwrap(),
+        model.next_logprobs(std::slice::from_ref(&fresh)).unwrap(),
+    );
+    assert!(a[0].iter().zip(&b[0]).all(|(x, y)| (x - y).abs() < 1e-5));
+    // Nothing to cut past the start of the window.
+    assert!(!model.rewind(&mut state, 99, &rows[0]).unwrap());
+}
+
+#[test]
 fn decoding_past_the_context_slides_a_window_of_recent_tokens() {
     // Fed one token at a time far past its 40 positions, the model's prediction is
     // always its prediction from scratch on the most recent tokens, at least three
