@@ -19,6 +19,7 @@ use serde_json::json;
 
 use super::generate::{dispatch, text_ids, GenerateArgs, Job, Prepared};
 use super::Context;
+use crate::model::slid_window;
 
 /// Runs the session until the end of stdin.
 pub(super) fn run(ctx: &Context, args: &GenerateArgs, mode: &str, prepared: Prepared) -> Result<()> {
@@ -61,7 +62,7 @@ pub(super) fn run(ctx: &Context, args: &GenerateArgs, mode: &str, prepared: Prep
             settings.seed = seed.wrapping_add(turn);
             // A long session outgrows the context: the model reads the recent part.
             let recent = match model.context_len() {
-                Some(context) if text.len() >= context => &text[text.len() - (context - context / 4)..],
+                Some(context) if text.len() >= context => &text[text.len() - slid_window(context)..],
                 _ => &text[..],
             };
             turn += 1;

@@ -165,23 +165,28 @@ fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Replaces each element by e^(x - shift) and returns their sum, in eight lanes.
+/// Turns `xs` into its softmax in place and returns its log-sum-exp; each
+/// exponential is computed once, in eight lanes.
 #[inline(always)]
-fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+fn softmax_in_place(xs: &mut [f32]) -> f32 {
+    let max = max_of(xs);
     let mut acc = [0f32; 8];
     let mut chunks = xs.chunks_exact_mut(8);
     for x in &mut chunks {
         for l in 0..8 {
-            x[l] = exp(x[l] - shift);
+            x[l] = exp(x[l] - max);
             acc[l] += x[l];
         }
     }
     let mut tail = 0f32;
     for x in chunks.into_remainder() {
-        *x = exp(*x - shift);
+        *x = exp(*x - max);
         tail += *x;
     }
-    acc.iter().sum::<f32>() + tail
+    let sum = acc.iter().sum::<f32>() + tail;
+    let inv = 1.0 / sum;
+    xs.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
 }
 
 /// `y += alpha * x`.
@@ -436,14 +441,16 @@ impl CrossEntropy {
     /// Per row: log-sum-exp, and the softmax into `probs` when given.
     #[inline(always)]
     fn row(logits: &[f32], probs: Option<&mut [f32]>) -> f32 {
-        let max = max_of(logits);
-        let sum = sum_exp_shifted(logits, max);
-        if let Some(probs) = probs {
-            for (p, &l) in probs.iter_mut().zip(logits) {
-                *p = exp(l - max) / sum;
+        match probs {
+            Some(probs) => {
+                probs.copy_from_slice(logits);
+                softmax_in_place(probs)
+            }
+            None => {
+                let max = max_of(logits);
+                max + sum_exp_shifted(logits, max).ln()
             }
         }
-        max + sum.ln()
     }
 }
 
@@ -472,12 +479,13 @@ pub(crate) fn score_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Resul
             .par_chunks(vocab)
             .zip(targets.par_iter())
             .map(|(row, &target)| {
-                let log_norm = CrossEntropy::row(row, None);
-                // The first of equal maxima, as an argmax.
+                // The first of equal maxima, as an argmax; the maximum then shifts the
+                // exponentials of the log-sum-exp.
                 let (top_id, top) = row
                     .iter()
                     .enumerate()
                     .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best });
+                let log_norm = top + sum_exp_shifted(row, top).ln();
                 RowScore {
                     logprob: row[target as usize] - log_norm,
                     top_logprob: top - log_norm,
@@ -864,9 +872,7 @@ fn matmul(dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: Strided, rhs: S
 #[inline(always)]
 fn causal_softmax(row: &mut [f32], i: usize) {
     let (live, masked) = row.split_at_mut(i + 1);
-    let max = max_of(live);
-    let inv = 1.0 / exp_shifted_sum(live, max);
-    live.iter_mut().for_each(|s| *s *= inv);
+    softmax_in_place(live);
     masked.fill(0.0);
 }
 

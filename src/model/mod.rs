@@ -46,7 +46,7 @@ pub use dropout::DropoutRng;
 pub(crate) use fused::cross_entropy as fused_cross_entropy;
 pub(crate) use fused::score_rows;
 pub use params::{param_count, tensor_shapes, training_memory, TrainingMemory};
-pub use state::TransformerState;
+pub use state::{slid_window, TransformerState};
 pub use transformer::Transformer;
 
 impl From<candle_core::Error> for crate::Error {

@@ -145,7 +145,7 @@ impl Transformer {
         }
         if !state.kv_cache.is_empty() && state.kv_cache.len() + tokens.len() > limit {
             // Slide: restart the cache from the most recent tokens that leave room.
-            let room = (limit - limit / 4).max(fresh) - fresh;
+            let room = slid_window(limit).max(fresh) - fresh;
             state.window_start = state.tokens.len() - room.min(state.tokens.len());
             state.kv_cache = KvCache::new();
         }
@@ -198,6 +198,12 @@ impl Transformer {
         }
         Ok(())
     }
+}
+
+/// Positions a window keeps when it slides over a context of `context` positions: the
+/// most recent three quarters.
+pub fn slid_window(context: usize) -> usize {
+    context - context / 4
 }
 
 /// Log-softmax of each row of `logits` (n, vocab), in f32 on the host.
