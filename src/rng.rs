@@ -11,6 +11,9 @@ pub struct SplitMix64 {
 }
 
 impl SplitMix64 {
+    /// The increment of the state per draw (the golden ratio as a 64-bit fraction).
+    pub const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
     /// A generator whose stream is fixed by `seed`.
     pub fn new(seed: u64) -> Self {
         SplitMix64 { state: seed }
@@ -21,19 +24,25 @@ impl SplitMix64 {
     pub fn for_sample(seed: u64, index: u64) -> Self {
         // Two rounds of mixing so that neighbouring (seed, index) pairs give unrelated streams.
         let base = SplitMix64::new(seed ^ 0xd1b5_4a32_d192_ed03).next_u64();
-        SplitMix64::new(base ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        SplitMix64::new(base ^ index.wrapping_mul(Self::GAMMA))
     }
 
     /// Output `n` of the stream of `seed` (what the `n + 1`-th [`SplitMix64::next_u64`]
     /// returns), computed directly: a kernel that must redraw the same numbers in
     /// another pass (attention dropout's backward) indexes the stream.
     pub fn nth(seed: u64, n: u64) -> u64 {
-        SplitMix64::new(seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15))).next_u64()
+        SplitMix64::new(seed.wrapping_add(n.wrapping_mul(Self::GAMMA))).next_u64()
+    }
+
+    /// Output `n` of the stream of `seed` as a uniform float in [0, 1), as
+    /// [`SplitMix64::next_f64`] would give it.
+    pub fn nth_f64(seed: u64, n: u64) -> f64 {
+        (Self::nth(seed, n) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.state = self.state.wrapping_add(Self::GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -25,12 +25,31 @@ impl DropoutRng {
         }
     }
 
-    /// The next uniform in [0, 1) of this pass's stream.
-    fn next_f64(&self) -> f64 {
-        let mut rng = self.state.get();
-        let value = rng.next_f64();
-        self.state.set(rng);
-        value
+    /// Hands out the next `n` draws of this pass's stream to a kernel that makes its own
+    /// mask: returns the stream state they start from (see [`DropoutRng::mask_of_stream`]).
+    pub(crate) fn take_stream(&self, n: usize) -> u64 {
+        let start = self.state.get();
+        let skipped = start
+            .state
+            .wrapping_add((n as u64).wrapping_mul(SplitMix64::GAMMA));
+        self.state.set(SplitMix64::new(skipped));
+        start.state
+    }
+
+    /// The dropout factors of `n` elements from draws `0..n` of the stream at `state`:
+    /// 0 where the draw, as a 53-bit uniform in [0, 1), is below `p` (so `p` is honoured
+    /// to double precision), else `1 / (1 - p)`.
+    pub(crate) fn mask_of_stream(state: u64, p: f64, n: usize) -> Vec<f32> {
+        let keep_scale = (1.0 / (1.0 - p)) as f32;
+        (0..n as u64)
+            .map(|i| {
+                if SplitMix64::nth_f64(state, i) < p {
+                    0.0
+                } else {
+                    keep_scale
+                }
+            })
+            .collect()
     }
 
     /// A seed for a kernel that draws its own mask (the fused attention), the next
@@ -47,18 +66,7 @@ impl DropoutRng {
         if p <= 0.0 {
             return Ok(xs.clone());
         }
-        let keep_scale = (1.0 / (1.0 - p)) as f32;
-        // Compare 53-bit uniforms with p, so p is honoured to double precision.
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| {
-                let uniform = self.next_f64();
-                if uniform < p {
-                    0.0
-                } else {
-                    keep_scale
-                }
-            })
-            .collect();
+        let mask = Self::mask_of_stream(self.take_stream(xs.elem_count()), p, xs.elem_count());
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs * mask
     }

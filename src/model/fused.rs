@@ -604,8 +604,7 @@ impl AttentionDropout {
     #[inline(always)]
     fn factor(&self, map: usize, t: usize, i: usize, j: usize) -> f32 {
         let n = ((map * t + i) * t + j) as u64;
-        let uniform = (SplitMix64::nth(self.seed, n) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-        if uniform < self.p {
+        if SplitMix64::nth_f64(self.seed, n) < self.p {
             0.0
         } else {
             (1.0 / (1.0 - self.p)) as f32
