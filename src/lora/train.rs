@@ -21,7 +21,7 @@ use serde_json::json;
 use super::adapter::Adapter;
 use super::config::LoraConfig;
 use crate::fsutil::write_atomic;
-use crate::model::{param_count, DropoutRng, Transformer};
+use crate::model::{param_count, ActivationCheckpointing, DropoutRng, Transformer};
 use crate::rng::SplitMix64;
 use crate::train::batches::{derive_seed, sample_batch};
 use crate::train::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
@@ -29,7 +29,7 @@ use crate::train::metrics::{self, MetricsLog, StepRecord, METRICS_FILE};
 use crate::train::optimizer::{global_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{LrSchedule, Schedule};
 use crate::train::token_file::{self, TokenDtype, TokenFile};
-use crate::train::trainer::cross_entropy;
+use crate::train::trainer::{accumulate_grads, cross_entropy};
 use crate::train::{interrupt, StepReport, TrainSection};
 use crate::{Error, Result};
 
@@ -120,13 +120,9 @@ fn prepare_tokens(
 }
 
 /// Validation loss over `eval_steps` batches fixed by the seed.
-fn evaluate(
-    model: &Transformer,
-    data: &TokenFile,
-    train: &TrainSection,
-    seed: u64,
-) -> Result<f32> {
+fn evaluate(model: &Transformer, data: &TokenFile, train: &TrainSection, seed: u64) -> Result<f32> {
     let mut rng = SplitMix64::new(derive_seed(seed, EVAL_STREAM));
+    let model = model.detached()?;
     let mut total = 0.0f64;
     for _ in 0..train.eval_steps {
         let batch = sample_batch(
@@ -321,7 +317,11 @@ pub fn run(
                 setup.seed,
                 DROPOUT_STREAM ^ (state.step * train.grad_accum + micro).wrapping_mul(0x9E37_79B9),
             ));
-            let logits = model.forward_train(&batch.inputs, &dropout)?; // (b, t, vocab)
+            let checkpointing = match train.checkpoint_activations {
+                true => Some(ActivationCheckpointing::new(&device)?),
+                false => None,
+            };
+            let logits = model.forward_train(&batch.inputs, &dropout, checkpointing.as_ref())?; // (b, t, vocab)
             let loss = cross_entropy(&logits, &batch.targets)?;
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
@@ -337,14 +337,7 @@ pub fn run(
                 1 => loss,
                 n => (loss / n as f64)?,
             };
-            let mut store = loss.backward()?;
-            for ((_, var), slot) in vars.iter().zip(grads.iter_mut()) {
-                let grad = store.remove(var.as_tensor());
-                *slot = match (slot.take(), grad) {
-                    (Some(acc), Some(g)) => Some((acc + g)?),
-                    (acc, g) => acc.or(g),
-                };
-            }
+            accumulate_grads(&loss, checkpointing.as_ref(), &vars, &mut grads)?;
         }
         let grads: Vec<Tensor> = grads
             .into_iter()

@@ -13,7 +13,9 @@
 //! saves a weight-sized (times batch, for a broadcast matmul) gradient per projection
 //! and a third of the backward's matmul work.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Module, Shape, Storage, Tensor,
+};
 use candle_nn::Linear;
 
 use super::dropout::DropoutRng;
@@ -117,9 +119,11 @@ impl Projection {
                         .filter(|_| branch.dropout > 0.0)
                         .map(|rng| (branch.dropout, rng.take_stream(xs.elem_count()))),
                 };
-                let ys = xs
-                    .contiguous()?
-                    .apply_op3(&branch.a.contiguous()?, &branch.b.contiguous()?, op)?;
+                let ys = xs.contiguous()?.apply_op3(
+                    &branch.a.contiguous()?,
+                    &branch.b.contiguous()?,
+                    op,
+                )?;
                 return match self.linear.bias() {
                     Some(bias) => ys.broadcast_add(bias),
                     None => Ok(ys),
@@ -273,6 +277,7 @@ impl CustomOp3 for LoraLinear {
         let mask = self.mask(&xs)?;
         let dy_rows = dy.reshape(((), out))?; // (n, out)
         let low = self.low(&xs, &a, mask.as_ref())?.reshape(((), r))?; // (n, r)
+
         // dL/dB = scale dy^T low; dL/d(low) = scale dy B; dL/dA = d(low)^T dropout(x)
         let grad_b = (dy_rows.t()?.matmul(&low)? * self.scale)?; // (out, r)
         let grad_low = (dy_rows.matmul(&b)? * self.scale)?; // (n, r)
@@ -281,6 +286,7 @@ impl CustomOp3 for LoraLinear {
             None => xs.clone(),
         };
         let grad_a = grad_low.t()?.matmul(&dropped.reshape(((), inputs))?)?; // (r, in)
+
         // dL/dx = dy W + mask * (d(low) A); nothing when x needs no gradient (the
         // frozen embeddings' output feeding the first layer).
         let grad_xs = match wants_grad_xs {
@@ -314,7 +320,7 @@ fn host_tensor(storage: &CpuStorage, layout: &Layout, op: &str) -> candle_core::
 }
 
 /// A CPU op's result handed back as storage and shape.
-fn into_storage(ys: Tensor, op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
+pub(super) fn into_storage(ys: Tensor, op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
     let mut ys = ys.contiguous()?;
     if ys.layout().start_offset() != 0 {
         ys = ys.copy()?; // a view into a larger buffer: the storage must start at the data
@@ -342,14 +348,22 @@ mod tests {
     fn frozen_linear_gives_the_input_gradient_of_a_plain_matmul_and_none_for_the_weight() {
         let weight = ramp(&[5, 4], 0.1); // (out, in)
         let x = Var::from_tensor(&ramp(&[2, 3, 4], 0.2)).unwrap(); // (b, t, in)
-        let plain = x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap();
+        let plain = x
+            .as_tensor()
+            .broadcast_matmul(&weight.t().unwrap())
+            .unwrap();
         let frozen = x
             .as_tensor()
             .apply_op1(FrozenLinear {
                 weight: weight.clone(),
             })
             .unwrap();
-        let diff = (&plain - &frozen).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (&plain - &frozen)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
         let grad = |ys: &Tensor| {
             let loss = (ys.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
@@ -359,7 +373,12 @@ mod tests {
         };
         let (plain_gx, _) = grad(&plain);
         let (frozen_gx, weight_grad) = grad(&frozen);
-        let diff = (plain_gx - frozen_gx).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (plain_gx - frozen_gx)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
         assert!(!weight_grad);
         assert_eq!(frozen.dtype(), DType::F32);
@@ -389,25 +408,50 @@ mod tests {
             .unwrap()
             .broadcast_matmul(&b.t().unwrap())
             .unwrap();
-        let plain = (x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap()
+        let plain = (x
+            .as_tensor()
+            .broadcast_matmul(&weight.t().unwrap())
+            .unwrap()
             + (branch * scale).unwrap())
         .unwrap();
         let max_diff = |p: &Tensor, q: &Tensor| -> f32 {
-            (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+            (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
         assert_eq!(max_diff(&plain, &fused), 0.0);
         // A loss that weighs outputs unevenly, so every gradient entry matters.
         let weights = ramp(&[2, 3, 5], 0.7);
         let grads = |ys: &Tensor| {
-            let store = (ys * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let store = (ys * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let get = |t: &Tensor| store.get(t).unwrap().clone();
             let frozen_grad = store.get(&weight).is_some();
-            ([get(x.as_tensor()), get(a.as_tensor()), get(b.as_tensor())], frozen_grad)
+            (
+                [get(x.as_tensor()), get(a.as_tensor()), get(b.as_tensor())],
+                frozen_grad,
+            )
         };
         let (plain_grads, _) = grads(&plain);
         let (fused_grads, weight_grad) = grads(&fused);
-        for (name, (p, q)) in ["x", "A", "B"].iter().zip(plain_grads.iter().zip(&fused_grads)) {
-            assert!(max_diff(p, q) < 1e-5, "d/d{name} differs by {}", max_diff(p, q));
+        for (name, (p, q)) in ["x", "A", "B"]
+            .iter()
+            .zip(plain_grads.iter().zip(&fused_grads))
+        {
+            assert!(
+                max_diff(p, q) < 1e-5,
+                "d/d{name} differs by {}",
+                max_diff(p, q)
+            );
         }
         assert!(!weight_grad, "the frozen weight got a gradient");
         // Dropout really masked something: the branch differs from an unmasked one.

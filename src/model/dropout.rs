@@ -25,6 +25,17 @@ impl DropoutRng {
         }
     }
 
+    /// Where this pass's stream stands: a [`DropoutRng::new`] of it draws what this one
+    /// draws next.
+    pub(crate) fn position(&self) -> u64 {
+        self.state.get().state
+    }
+
+    /// Moves the stream to `position` (as returned by [`DropoutRng::position`]).
+    pub(crate) fn seek(&self, position: u64) {
+        self.state.set(SplitMix64::new(position));
+    }
+
     /// Hands out the next `n` draws of this pass's stream to a kernel that makes its own
     /// mask: returns the stream state they start from (see [`DropoutRng::mask_of_stream`]).
     pub(crate) fn take_stream(&self, n: usize) -> u64 {

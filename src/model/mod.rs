@@ -29,6 +29,7 @@ pub mod hf;
 mod mlp;
 mod norm;
 pub mod params;
+mod recompute;
 mod rope;
 mod state;
 mod transformer;
@@ -46,6 +47,7 @@ pub use dropout::DropoutRng;
 pub(crate) use fused::cross_entropy as fused_cross_entropy;
 pub(crate) use fused::score_rows;
 pub use params::{param_count, tensor_shapes, training_memory, TrainingMemory};
+pub use recompute::ActivationCheckpointing;
 pub use state::{slid_window, TransformerState};
 pub use transformer::Transformer;
 

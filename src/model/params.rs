@@ -106,8 +106,15 @@ impl TrainingMemory {
 /// (scores, masked, softmax), the attention and MLP outputs and residual sums (4c), and
 /// four MLP-wide tensors; plus the embedding and, at the head, the logits, their
 /// log-softmax and their gradient (3 x vocab). Expect the real peak within a factor of
-/// about 1.5 either way; dropout masks add roughly one more tensor per site.
-pub fn training_memory(cfg: &ModelConfig, batch_size: usize, seq_len: usize) -> TrainingMemory {
+/// about 1.5 either way; dropout masks add roughly one more tensor per site. With
+/// activation checkpointing (`checkpointed`) a layer keeps only its input (c) and one
+/// layer at a time holds the rest.
+pub fn training_memory(
+    cfg: &ModelConfig,
+    batch_size: usize,
+    seq_len: usize,
+    checkpointed: bool,
+) -> TrainingMemory {
     const F32: usize = 4;
     let weights = param_count(cfg) * F32;
     let c = cfg.hidden_size;
@@ -118,7 +125,11 @@ pub fn training_memory(cfg: &ModelConfig, batch_size: usize, seq_len: usize) -> 
         + 4 * kv_width
         + 3 * cfg.num_attention_heads * seq_len
         + 4 * cfg.intermediate_size;
-    let per_token = per_token_layer * cfg.num_hidden_layers + 2 * c + 3 * cfg.vocab_size;
+    let layers = match checkpointed {
+        false => per_token_layer * cfg.num_hidden_layers,
+        true => per_token_layer + c * cfg.num_hidden_layers,
+    };
+    let per_token = layers + 2 * c + 3 * cfg.vocab_size;
     TrainingMemory {
         parameters: weights,
         gradients: weights,
@@ -148,10 +159,16 @@ mod tests {
     #[test]
     fn memory_parts_scale_as_documented() {
         let cfg = ModelConfig::default();
-        let m = training_memory(&cfg, 8, 64);
+        let m = training_memory(&cfg, 8, 64, false);
         assert_eq!(m.parameters, param_count(&cfg) * 4);
         assert_eq!(m.optimizer, 2 * m.parameters);
-        assert_eq!(training_memory(&cfg, 16, 64).activations, 2 * m.activations);
+        assert_eq!(
+            training_memory(&cfg, 16, 64, false).activations,
+            2 * m.activations
+        );
+        let checkpointed = training_memory(&cfg, 8, 64, true);
+        assert!(checkpointed.activations < m.activations / 2);
+        assert_eq!(checkpointed.parameters, m.parameters);
         assert_eq!(m.total(), 4 * m.parameters + m.activations);
     }
 }

@@ -655,7 +655,7 @@ fn gradients_reach_every_parameter() {
         let targets = all.narrow(1, 1, t).unwrap().flatten_all().unwrap();
         let rng = DropoutRng::new(9);
         let logits = model
-            .forward_train(&input, &rng)
+            .forward_train(&input, &rng, None)
             .unwrap()
             .reshape((b * t, cfg.vocab_size))
             .unwrap();
@@ -681,6 +681,47 @@ fn gradients_reach_every_parameter() {
 }
 
 #[test]
+fn activation_checkpointing_gives_the_same_loss_and_gradients() {
+    // Recomputing each block in the backward, with the same dropout draws, is the same
+    // function and the same derivative: every variant, with dropout on.
+    for (name, cfg) in variants() {
+        let cfg = ModelConfig { dropout: 0.2, ..cfg };
+        let (varmap, model) = fresh(&cfg);
+        let (b, t) = (2, 8);
+        let tokens = random_ids(b, t + 1, cfg.vocab_size, 6);
+        let all = Tensor::from_vec(tokens, (b, t + 1), &Device::Cpu).unwrap();
+        let input = all.narrow(1, 0, t).unwrap();
+        let targets = all.narrow(1, 1, t).unwrap().flatten_all().unwrap();
+        let run = |checkpointing: Option<&ActivationCheckpointing>| {
+            let logits = model
+                .forward_train(&input, &DropoutRng::new(3), checkpointing)
+                .unwrap()
+                .reshape((b * t, cfg.vocab_size))
+                .unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+            let mut grads = loss.backward().unwrap();
+            if let Some(checkpointing) = checkpointing {
+                checkpointing.merge_into(&mut grads).unwrap();
+            }
+            (loss.to_scalar::<f32>().unwrap(), grads)
+        };
+        let (plain_loss, plain) = run(None);
+        let checkpointing = ActivationCheckpointing::new(&Device::Cpu).unwrap();
+        let (loss, recomputed) = run(Some(&checkpointing));
+        assert_eq!(loss, plain_loss, "{name}");
+        for (var_name, var) in varmap.data().lock().unwrap().iter() {
+            let expected = plain.get(var.as_tensor()).unwrap();
+            let got = recomputed
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {var_name}"));
+            let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = max_abs_diff(expected, got);
+            assert!(diff <= 1e-6 * scale.max(1.0), "{name} {var_name}: {diff}");
+        }
+    }
+}
+
+#[test]
 fn dropout_is_seeded_and_off_at_inference() {
     let cfg = ModelConfig {
         dropout: 0.3,
@@ -689,9 +730,9 @@ fn dropout_is_seeded_and_off_at_inference() {
     let (_varmap, model) = fresh(&cfg);
     let input =
         Tensor::from_vec(random_ids(1, 10, cfg.vocab_size, 5), (1, 10), &Device::Cpu).unwrap();
-    let a = model.forward_train(&input, &DropoutRng::new(1)).unwrap();
-    let b = model.forward_train(&input, &DropoutRng::new(1)).unwrap();
-    let c = model.forward_train(&input, &DropoutRng::new(2)).unwrap();
+    let a = model.forward_train(&input, &DropoutRng::new(1), None).unwrap();
+    let b = model.forward_train(&input, &DropoutRng::new(1), None).unwrap();
+    let c = model.forward_train(&input, &DropoutRng::new(2), None).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     assert!(max_abs_diff(&a, &c) > 0.0);
     let eval = model.forward(&input).unwrap();
@@ -702,7 +743,7 @@ fn dropout_is_seeded_and_off_at_inference() {
     };
     let (varmap, plain) = fresh(&no_dropout);
     drop(varmap);
-    let x = plain.forward_train(&input, &DropoutRng::new(1)).unwrap();
+    let x = plain.forward_train(&input, &DropoutRng::new(1), None).unwrap();
     assert_eq!(max_abs_diff(&x, &plain.forward(&input).unwrap()), 0.0);
 }
 

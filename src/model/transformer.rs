@@ -9,15 +9,18 @@
 //! Every forward returns logits for every position, so training, scoring and decoding
 //! share one model type; `forward_step` adds a [`KvCache`] for incremental decoding.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use super::adapter::{few_rows_or_linear, Projection};
+use super::adapter::{few_rows_or_linear, LoraBranch, Projection};
 use super::attention::{causal_mask, KvCache};
 use super::block::Block;
 use super::config::{ModelConfig, NormPosition, PositionKind};
 use super::dropout::DropoutRng;
 use super::norm::Norm;
+use super::recompute::ActivationCheckpointing;
 use super::rope::{AddedPositions, Rotary};
 use crate::{Error, Result};
 
@@ -125,6 +128,34 @@ impl Transformer {
         out
     }
 
+    /// A copy whose weights and adapters are cut off from any variables they came from:
+    /// its forward builds no backward graph, so evaluating a model that is being trained
+    /// holds no activations beyond the layer at hand.
+    pub fn detached(&self) -> Result<Transformer> {
+        let tensors: HashMap<String, Tensor> = self
+            .named_tensors()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, self.dtype(), &self.device);
+        let mut copy = Transformer::load(vb, &self.cfg)?;
+        let mut source = self.clone();
+        for ((_, from), (_, to)) in source
+            .projections_mut()
+            .into_iter()
+            .zip(copy.projections_mut())
+        {
+            for branch in from.adapters() {
+                to.push_adapter(LoraBranch {
+                    a: branch.a.detach(),
+                    b: branch.b.detach(),
+                    ..branch.clone()
+                });
+            }
+        }
+        Ok(copy)
+    }
+
     /// Every adaptable projection (attention and MLP) under its Hugging Face module name,
     /// `model.layers.{i}.self_attn.q_proj`, ..., in file order: where LoRA attaches.
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection)> {
@@ -149,9 +180,17 @@ impl Transformer {
         self.run(ids, None, None, Some(keep))
     }
 
-    /// Logits (b, t, vocab) with dropout drawn from `rng`: the training forward.
-    pub fn forward_train(&self, ids: &Tensor, rng: &DropoutRng) -> Result<Tensor> {
-        self.run(ids, None, Some(rng), None)
+    /// Logits (b, t, vocab) with dropout drawn from `rng`: the training forward. With
+    /// `checkpointing`, every block keeps only its input and output for the backward
+    /// pass (see [`ActivationCheckpointing`]), whose gradients it then holds for the weights
+    /// inside the blocks.
+    pub fn forward_train(
+        &self,
+        ids: &Tensor,
+        rng: &DropoutRng,
+        checkpointing: Option<&ActivationCheckpointing>,
+    ) -> Result<Tensor> {
+        self.run(ids, None, Some((rng, checkpointing)), None)
     }
 
     /// Logits (b, t, vocab) for `ids` (b, t) following the positions already in
@@ -191,9 +230,10 @@ impl Transformer {
         &self,
         ids: &Tensor,
         mut kv_cache: Option<&mut KvCache>,
-        rng: Option<&DropoutRng>,
+        training: Option<(&DropoutRng, Option<&ActivationCheckpointing>)>,
         keep: Option<usize>,
     ) -> Result<Tensor> {
+        let rng = training.map(|(rng, _)| rng);
         let (b, t) = ids.dims2().map_err(|_| {
             Error::Invalid(format!(
                 "token ids must be a (batch, time) tensor, got shape {:?}",
@@ -227,8 +267,15 @@ impl Transformer {
             _ => Some(causal_mask(t, offset, &self.device)?), // (t, offset + t)
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let kv = kv_cache.as_deref_mut().map(|cache| cache.layer_mut(i));
-            xs = block.forward(&xs, self.rotary.as_ref(), offset, mask.as_ref(), kv, rng)?;
+            xs = match training {
+                Some((rng, Some(checkpointing))) => {
+                    checkpointing.block(block, &xs, self.rotary.as_ref(), mask.as_ref(), rng)?
+                }
+                _ => {
+                    let kv = kv_cache.as_deref_mut().map(|cache| cache.layer_mut(i));
+                    block.forward(&xs, self.rotary.as_ref(), offset, mask.as_ref(), kv, rng)?
+                }
+            };
         }
         if let Some(cache) = kv_cache {
             cache.advance(t);

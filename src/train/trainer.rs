@@ -25,7 +25,6 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::batches::{derive_seed, sample_batch};
-use crate::rng::SplitMix64;
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
 use super::config::{Precision, TrainSetup};
 use super::metrics::{self, MetricsLog, StepRecord, METRICS_FILE};
@@ -35,9 +34,10 @@ use super::token_file::{self, TokenDtype, TokenFile};
 use super::{interrupt, vocab};
 use crate::fsutil::write_atomic;
 use crate::model::{
-    fused_cross_entropy, param_count, training_memory, DropoutRng, ModelConfig, TrainingMemory,
-    Transformer,
+    fused_cross_entropy, param_count, training_memory, ActivationCheckpointing, DropoutRng,
+    ModelConfig, TrainingMemory, Transformer,
 };
+use crate::rng::SplitMix64;
 use crate::tokenize::{AnyTokenizer, Tokenizer};
 use crate::{Error, Result};
 
@@ -248,6 +248,30 @@ fn step_model<'a>(
     }
 }
 
+/// Backpropagates `loss` and adds each variable's gradient into its slot of `grads`
+/// (summing over the micro-batches of a step); `checkpointing` holds what checkpointed
+/// blocks computed for the weights inside them.
+pub(crate) fn accumulate_grads(
+    loss: &Tensor,
+    checkpointing: Option<&ActivationCheckpointing>,
+    vars: &[(String, Var)],
+    grads: &mut [Option<Tensor>],
+) -> Result<()> {
+    let mut store = loss.backward()?;
+    if let Some(checkpointing) = checkpointing {
+        checkpointing.merge_into(&mut store)?;
+    }
+    for ((_, var), slot) in vars.iter().zip(grads.iter_mut()) {
+        // Detached, or a kept gradient would keep the micro-batch's graph alive.
+        let grad = store.remove(var.as_tensor()).map(|grad| grad.detach());
+        *slot = match (slot.take(), grad) {
+            (Some(acc), Some(g)) => Some((acc + g)?),
+            (acc, g) => acc.or(g),
+        };
+    }
+    Ok(())
+}
+
 /// Mean cross-entropy (nats per token) of `logits` (b, t, vocab) against `targets` (b, t).
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
@@ -268,6 +292,7 @@ fn evaluate(
     device: &Device,
 ) -> Result<f32> {
     let train = &setup.train;
+    let model = model.detached()?;
     let mut rng = SplitMix64::new(derive_seed(setup.seed, EVAL_STREAM));
     let mut total = 0.0f64;
     for _ in 0..train.eval_steps {
@@ -348,14 +373,15 @@ pub fn run_with_control(
         .model_config(vocab_size, train.seq_len)
         .map_err(|(key, message)| config_error(&key, message))?;
     let (batch_size, seq_len) = (train.batch_size as usize, train.seq_len as usize);
-    let memory = training_memory(&cfg, batch_size, seq_len);
+    let memory = training_memory(&cfg, batch_size, seq_len, train.checkpoint_activations);
     if device.is_cpu() {
         if let Some(available) = available_memory() {
             if memory.total() > available {
                 return Err(Error::Invalid(format!(
                     "training this model needs about {:.1} GiB ({} parameters: weights {:.1} GiB, \
                      gradients {:.1} GiB, AdamW {:.1} GiB, activations {:.1} GiB) but {:.1} GiB are \
-                     available; lower model.dim/n_layers or train.batch_size/seq_len",
+                     available; lower model.dim/n_layers or train.batch_size/seq_len, or set \
+                     train.checkpoint_activations = true",
                     gib(memory.total()),
                     param_count(&cfg),
                     gib(memory.parameters),
@@ -457,7 +483,12 @@ pub fn run_with_control(
                 setup.seed,
                 DROPOUT_STREAM ^ (state.step * train.grad_accum + micro).wrapping_mul(0x9E37_79B9),
             ));
-            let logits = run_model.forward_train(&batch.inputs, &dropout)?; // (b, t, vocab)
+            let checkpointing = match train.checkpoint_activations {
+                true => Some(ActivationCheckpointing::new(device)?),
+                false => None,
+            };
+            let logits =
+                run_model.forward_train(&batch.inputs, &dropout, checkpointing.as_ref())?; // (b, t, vocab)
             let loss = cross_entropy(&logits, &batch.targets)?;
             // The one host read of the step: the loss, for the log and the NaN check.
             let loss_value = loss.to_scalar::<f32>()?;
@@ -484,14 +515,7 @@ pub fn run_with_control(
                 1 => loss,
                 n => (loss / n as f64)?,
             };
-            let mut store = loss.backward()?;
-            for ((_, var), slot) in vars.iter().zip(grads.iter_mut()) {
-                let grad = store.remove(var.as_tensor());
-                *slot = match (slot.take(), grad) {
-                    (Some(acc), Some(g)) => Some((acc + g)?),
-                    (acc, g) => acc.or(g),
-                };
-            }
+            accumulate_grads(&loss, checkpointing.as_ref(), &vars, &mut grads)?;
         }
         let grads_now: Vec<Tensor> = grads
             .iter_mut()

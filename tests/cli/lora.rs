@@ -306,6 +306,36 @@ fn resumed_lora_run_equals_an_uninterrupted_one() {
 }
 
 #[test]
+fn checkpointed_activations_train_the_same_adapter() {
+    // Recomputing each block in the backward (with its dropout redrawn) changes memory,
+    // not the arithmetic: the adapters after a few steps agree to rounding (AdamW's
+    // normalised steps carry the last bits of the gradients into the weights).
+    let sandbox = Sandbox::new();
+    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
+    sandbox.write("shakespeare.txt", &text.chars().take(20_000).collect::<String>());
+    for (out, recompute) in [("kept", "false"), ("recomputed", "true")] {
+        let setting = format!("train.checkpoint_activations={recompute}");
+        let output = sandbox
+            .nlp()
+            .args(["--set", "train.batch_size=4", "--set", "train.seq_len=32"])
+            .args(["--set", "train.eval_steps=1", "--set", &setting])
+            .args(["lora", "train", "--base"])
+            .arg(base_dir())
+            .args(["--data", "shakespeare.txt", "-o", out, "--lr", "0.01"])
+            .args(["--steps", "4", "--dropout", "0.1"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let kept = load_tensors(&sandbox.path().join("kept/adapter_model.safetensors"));
+    let recomputed = load_tensors(&sandbox.path().join("recomputed/adapter_model.safetensors"));
+    for (name, tensor) in &kept {
+        let diff = max_abs_diff(tensor, &recomputed[name]);
+        assert!(diff < 1e-5, "{name}: {diff}");
+    }
+}
+
+#[test]
 fn target_that_matches_nothing_lists_the_modules() {
     let sandbox = Sandbox::new();
     sandbox.write("t.txt", "hello there");

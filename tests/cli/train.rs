@@ -79,6 +79,31 @@ fn train_writes_a_model_directory_that_generate_reads() {
     assert_eq!(generated["ids"].as_array().unwrap().len(), 10);
 }
 
+#[test]
+fn checkpointed_activations_give_the_same_losses() {
+    let sandbox = Sandbox::new();
+    let corpus = small_corpus(&sandbox);
+    for (out, recompute) in [("kept", "false"), ("recomputed", "true")] {
+        let setting = format!("train.checkpoint_activations={recompute}");
+        let output = sandbox
+            .nlp()
+            .args(TINY)
+            .args(["--set", "model.dropout=0.1", "--set", &setting])
+            .args(["train", &corpus, "-o", out, "--steps", "8"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let (kept, recomputed) = (
+        train_losses(&sandbox.path().join("kept")),
+        train_losses(&sandbox.path().join("recomputed")),
+    );
+    assert_eq!(kept.len(), 8);
+    for ((step, a), (_, b)) in kept.iter().zip(&recomputed) {
+        assert!((a - b).abs() < 1e-5, "step {step}: {a} vs {b}");
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_losses() {
