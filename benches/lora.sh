@@ -7,8 +7,10 @@
 #     after SMALL_BASE_STEPS steps of `nlp train` (hours on a CPU for all 5000).
 #  2. Quality: a Tiny Shakespeare model fine-tuned with LoRA on the first half of
 #     ptb.valid.txt, perplexity on the second half, before and after (see below).
-# Usage: bash benches/lora.sh   (env: PTB_STEPS, SPEED_STEPS,
-#        SPEED_BATCH, SPEED_SEQ, SMALL_BASE_STEPS override the defaults below)
+#  With CHECKPOINT=true both runs of measurement 1 recompute each block in the backward
+#  pass (train.checkpoint_activations) instead of keeping its activations.
+# Usage: bash benches/lora.sh   (env: PTB_STEPS, SPEED_STEPS, SPEED_BATCH, SPEED_SEQ,
+#        CHECKPOINT, SMALL_BASE_STEPS override the defaults below)
 source "$(dirname "$0")/common.sh"
 build_nlp
 L="$OUT/lora"
@@ -17,6 +19,7 @@ PTB_STEPS="${PTB_STEPS:-150}"
 SPEED_STEPS="${SPEED_STEPS:-4}"
 SPEED_BATCH="${SPEED_BATCH:-1}"
 SPEED_SEQ="${SPEED_SEQ:-64}"
+CHECKPOINT="${CHECKPOINT:-false}"
 SMALL_BASE_STEPS="${SMALL_BASE_STEPS:-1}"
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 
@@ -27,7 +30,8 @@ if [ ! -f "$L/small-base/model.safetensors" ]; then
 fi
 speed_flags=(--config configs/small.toml --set "train.batch_size=$SPEED_BATCH"
   --set train.grad_accum=1 --set "train.seq_len=$SPEED_SEQ" --set train.eval_steps=1
-  --set train.eval_every=0 --set train.checkpoint_every=0)
+  --set train.eval_every=0 --set train.checkpoint_every=0
+  --set "train.checkpoint_activations=$CHECKPOINT")
 for mode in lora full; do
   rm -rf "$L/small-$mode"
   extra=(--rank 8 --alpha 16 --target q_proj,k_proj,v_proj,o_proj)
@@ -40,7 +44,7 @@ lora_mem=$(field "$L/small-lora.json" peak_memory_bytes)
 full_mem=$(field "$L/small-full.json" peak_memory_bytes)
 lora_sps=$(field "$L/small-lora.json" seconds_per_step)
 full_sps=$(field "$L/small-full.json" seconds_per_step)
-echo "## small.toml model, batch $SPEED_BATCH x $SPEED_SEQ, $SPEED_STEPS steps"
+echo "## small.toml model, batch $SPEED_BATCH x $SPEED_SEQ, $SPEED_STEPS steps, checkpointed activations: $CHECKPOINT"
 echo "| | trainable | peak memory (MiB) | s/step |"
 echo "| --- | --- | --- | --- |"
 for mode in lora full; do
