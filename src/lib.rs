@@ -12,6 +12,7 @@ pub mod device;
 pub mod eval;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
 pub mod lm;
 pub mod lora;
 pub mod model;

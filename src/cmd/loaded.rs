@@ -267,6 +267,7 @@ impl Loaded {
     }
 
     fn open_plain(path: &Path, ctx: &Context) -> Result<Loaded> {
+        let path = &ctx.model_dir(path)?;
         if path.is_dir() {
             let tokenizer_path = path.join("tokenizer.json");
             if !tokenizer_path.is_file() {

@@ -177,7 +177,8 @@ fn train(ctx: &Context, args: LoraTrainArgs) -> Result<()> {
             Mode::Lora(lora)
         }
     };
-    let mut loaded = open_base(&args.base, ctx, &[])?;
+    let base_dir = ctx.model_dir(&args.base)?;
+    let mut loaded = open_base(&base_dir, ctx, &[])?;
     if let (Mode::Lora(lora), Loaded::Transformer { model, .. }) = (&mode, &mut loaded) {
         // Bad targets fail before the corpus is read.
         lora::select_modules(model, &lora.targets)?;
@@ -237,7 +238,7 @@ fn train(ctx: &Context, args: LoraTrainArgs) -> Result<()> {
     .with_context(|| format!("fine-tuning into {}", args.output.display()))?;
     bar.finish_and_clear();
     if args.full {
-        copy_tokenizer(&args.base, &args.output)?;
+        copy_tokenizer(&base_dir, &args.output)?;
     }
     let peak = lora::peak_memory();
     // PEFT's convention: the share of all parameters (base + adapters) that train.
@@ -312,7 +313,8 @@ fn sample_logits(model: &Transformer) -> Result<Tensor> {
 }
 
 fn merge(ctx: &Context, args: LoraMergeArgs) -> Result<()> {
-    let loaded = open_base(&args.base, ctx, &args.adapters)?;
+    let base_dir = ctx.model_dir(&args.base)?;
+    let loaded = open_base(&base_dir, ctx, &args.adapters)?;
     let Loaded::Transformer { mut model, .. } = loaded else {
         unreachable!("open_base returns transformers only");
     };
@@ -327,7 +329,7 @@ fn merge(ctx: &Context, args: LoraMergeArgs) -> Result<()> {
     model
         .save_pretrained(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    copy_tokenizer(&args.base, &args.output)?;
+    copy_tokenizer(&base_dir, &args.output)?;
     if ctx.json {
         ctx.print_json(&json!({
             "output": args.output,

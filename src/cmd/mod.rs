@@ -12,7 +12,8 @@ pub mod lora;
 mod ngram;
 pub mod train;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
@@ -30,6 +31,13 @@ pub struct Context {
 }
 
 impl Context {
+    /// `path`, or the cached model directory of a Hugging Face Hub repo id (fetched
+    /// first where missing; see [`crate::hub`]).
+    pub fn model_dir(&self, path: &Path) -> Result<PathBuf> {
+        let bars = !self.quiet && std::io::stderr().is_terminal();
+        Ok(crate::hub::resolve(path, bars)?)
+    }
+
     /// Prints a JSON value on one line of stdout.
     pub fn print_json(&self, value: &serde_json::Value) -> Result<()> {
         let mut out = std::io::stdout().lock();

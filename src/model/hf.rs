@@ -30,6 +30,8 @@ use crate::{Error, Result};
 pub const CONFIG_FILE: &str = "config.json";
 /// File name of the weights inside a model directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a checkpoint sharded over several safetensors files.
+pub const SHARD_INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// `config.json` as transformers writes it; keys we do not use are ignored.
 #[derive(Debug, Deserialize)]
@@ -291,16 +293,56 @@ pub(crate) fn check_tensors(
     Ok(())
 }
 
-/// Loads a model directory (`config.json`, `model.safetensors`) onto `device` as `dtype`.
+/// The shard files a sharded checkpoint's index (`model.safetensors.index.json`) names
+/// in its `weight_map`, each once, in the order first named.
+pub fn shard_files(index_path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not JSON: {e}", index_path.display())))?;
+    let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(Error::Invalid(format!(
+            "{}: no `weight_map` object",
+            index_path.display()
+        )));
+    };
+    let mut files: Vec<String> = Vec::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: `weight_map` entry `{name}` is not a file name",
+                index_path.display()
+            ))
+        })?;
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    Ok(files)
+}
+
+/// Loads a model directory (`config.json`, and `model.safetensors` or the shards that
+/// `model.safetensors.index.json` names) onto `device` as `dtype`.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Transformer> {
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
     let cfg = parse_config(&text, &config_path)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| Error::Tensor(format!("{}: {e}", weights_path.display())))?;
-    drop(bytes);
+    let single = dir.join(WEIGHTS_FILE);
+    let index = dir.join(SHARD_INDEX_FILE);
+    let files = match (single.is_file(), index.is_file()) {
+        (false, true) => shard_files(&index)?.iter().map(|f| dir.join(f)).collect(),
+        _ => vec![single],
+    };
+    let mut tensors = HashMap::new();
+    for weights_path in &files {
+        let bytes = std::fs::read(weights_path).map_err(|e| Error::io(weights_path, e))?;
+        let shard = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::Tensor(format!("{}: {e}", weights_path.display())))?;
+        tensors.extend(shard);
+    }
+    let weights_path = match files.len() {
+        1 => files[0].clone(),
+        _ => index,
+    };
     check_tensors(&cfg, &tensors, &weights_path)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     Transformer::load(vb, &cfg)

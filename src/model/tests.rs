@@ -250,6 +250,42 @@ fn out_of_vocabulary_token_is_an_error() {
 // --- 3. HF import / export ------------------------------------------------------------
 
 #[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    // The layout transformers writes past its shard size: the tensors split over
+    // files, and model.safetensors.index.json mapping each name to its file.
+    let tensors =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture_dir().join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let shard: HashMap<String, Tensor> =
+            part.iter().map(|&n| (n.clone(), tensors[n].clone())).collect();
+        candle_core::safetensors::save(&shard, dir.path().join(&file)).unwrap();
+        for name in part {
+            weight_map.insert((*name).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.path().join(hf::SHARD_INDEX_FILE), index.to_string()).unwrap();
+    let sharded = hf::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let input = ids(&reference(), "input_ids");
+    let diff = max_abs_diff(
+        &sharded.forward(&input).unwrap(),
+        &fixture_model().forward(&input).unwrap(),
+    );
+    assert_eq!(diff, 0.0);
+    // A shard the index names but the folder lacks is an error naming the file.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = hf::load(dir.path(), &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
+#[test]
 fn save_and_reload_gives_identical_logits() {
     let reference = reference();
     let model = fixture_model();

@@ -7,5 +7,6 @@ mod common;
 mod basics;
 mod eval;
 mod generate;
+mod hub;
 mod lora;
 mod train;
