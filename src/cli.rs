@@ -24,6 +24,37 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+impl Cli {
+    /// Parses a command line (program name first). Every `--set` is moved in front of
+    /// the subcommand first: clap keeps only the innermost level's values of a
+    /// repeated global flag, so `nlp --set a=1 train --set b=2` would lose `a=1`.
+    pub fn parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        let mut args = args.into_iter().map(Into::into);
+        let program = args.next();
+        let (mut sets, mut rest) = (Vec::new(), Vec::new());
+        while let Some(arg) = args.next() {
+            if arg == "--" {
+                rest.push(arg);
+                rest.extend(args.by_ref());
+            } else if arg == "--set" {
+                match args.next() {
+                    Some(value) => sets.extend([arg, value]),
+                    None => rest.push(arg), // clap reports the missing value
+                }
+            } else if arg.to_str().is_some_and(|a| a.starts_with("--set=")) {
+                sets.push(arg);
+            } else {
+                rest.push(arg);
+            }
+        }
+        Cli::try_parse_from(program.into_iter().chain(sets).chain(rest))
+    }
+}
+
 /// Flags every subcommand accepts.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {

@@ -570,3 +570,20 @@ fn bpe_unigram_trains_a_file_that_tokenizers_loads_and_agrees_with() {
     let expected: Vec<String> = oracle.encode(text, false).unwrap().get_ids().iter().map(u32::to_string).collect();
     assert_eq!(stdout(&out).trim(), expected.join(" "));
 }
+
+#[test]
+fn set_flags_before_and_after_the_subcommand_all_apply() {
+    let sandbox = Sandbox::new();
+    let output = sandbox
+        .nlp()
+        .args(["--set", "train.batch_size=2", "train", "-o", "run", "--print-config"])
+        .args(["--set", "train.seq_len=8", "--set=train.steps=3"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let config: toml::Table = stdout(&output).parse().unwrap();
+    let train = config["train"].as_table().unwrap();
+    assert_eq!(train["batch_size"].as_integer(), Some(2));
+    assert_eq!(train["seq_len"].as_integer(), Some(8));
+    assert_eq!(train["steps"].as_integer(), Some(3));
+}
