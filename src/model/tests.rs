@@ -176,8 +176,9 @@ fn kv_cache_steps_match_full_forward() {
     assert_eq!(cache.len(), 64);
     eprintln!("max |cached - full| = {worst:e}");
     // The full pass sums attention in blocked matrix products, the cached steps row by
-    // row: the order of f32 additions differs, not the result beyond rounding.
-    assert!(worst < 5e-5, "cached logits differ by {worst}");
+    // row: the order of f32 additions differs, not the result beyond rounding (7.9e-6
+    // on these logits, whose largest is about 14).
+    assert!(worst < 1e-5, "cached logits differ by {worst}");
 }
 
 #[test]
