@@ -104,8 +104,8 @@ fn merge_matches_unmerged_and_peft() {
     let reported = report["max_abs_logit_diff"].as_f64().unwrap();
     // Two f32 computations of the same function: x (W + s B A) with the sum rounded
     // once, and x W + s (x A) B. Their rounding differs by a few units in the last
-    // place of logits near 10, carried through four layers.
-    assert!(reported < 2e-5, "{reported}");
+    // place of logits near 10, carried through four layers: the bound is 1e-5.
+    assert!(reported < 1e-5, "{reported}");
     // The merged directory is an ordinary model that gives PEFT's logits.
     let (ids, expected) = peft_reference();
     let merged = Transformer::from_pretrained(&out, &Device::Cpu, DType::F32).unwrap();
@@ -118,11 +118,9 @@ fn merge_matches_unmerged_and_peft() {
         .unwrap();
     let unmerged = unmerged.forward(&ids).unwrap();
     let diff = max_abs_diff(&merged.forward(&ids).unwrap(), &unmerged);
-    // Relative to the largest logit: on these inputs f32 rounding alone moves PEFT's
-    // own merged logits by 1.1e-5 (fixture reference.json).
-    let largest = unmerged.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    let largest = largest.to_scalar::<f32>().unwrap().max(1.0);
-    assert!(diff / largest < 1e-5, "max |merged - unmerged| = {diff}, largest {largest}");
+    // On these inputs f32 rounding alone moves PEFT's own merged logits by 1.1e-5
+    // (fixture reference.json); ours stay within the 1e-5.
+    assert!(diff < 1e-5, "max |merged - unmerged| = {diff}");
     assert!(out.join("tokenizer.json").is_file());
 }
 
