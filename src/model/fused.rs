@@ -412,12 +412,18 @@ pub(crate) fn few_rows_linear(xs: &Tensor, weight: &Tensor) -> candle_core::Resu
     }
     let n = weight.dim(0)?;
     const COLUMNS_PER_TASK: usize = 64;
+    // Handing work to the thread pool and waiting for it costs tens of microseconds:
+    // a product smaller than this runs on the calling thread.
+    const PARALLEL_FROM: usize = 1 << 20; // multiply-adds
     let out = with_host([xs, weight], "few-rows-linear", |[x, w]| {
         let mut by_column = vec![0f32; n * rows];
-        by_column
-            .par_chunks_mut(COLUMNS_PER_TASK * rows)
-            .enumerate()
-            .for_each(|(task, out)| few_rows_columns(x, w, k, rows, task * COLUMNS_PER_TASK, out));
+        let task = |(task, out): (usize, &mut [f32])| {
+            few_rows_columns(x, w, k, rows, task * COLUMNS_PER_TASK, out)
+        };
+        match n * k * rows >= PARALLEL_FROM {
+            true => by_column.par_chunks_mut(COLUMNS_PER_TASK * rows).enumerate().for_each(task),
+            false => by_column.chunks_mut(COLUMNS_PER_TASK * rows).enumerate().for_each(task),
+        }
         let mut out = vec![0f32; rows * n];
         for (j, column) in by_column.chunks_exact(rows).enumerate() {
             for (i, &y) in column.iter().enumerate() {
