@@ -69,7 +69,7 @@ impl Rotary {
         let (_b, _h, t, _d) = xs.dims4()?; // (b, h, t, d)
         let cos = self.cos.narrow(0, offset, t)?; // (t, d/2)
         let sin = self.sin.narrow(0, offset, t)?; // (t, d/2)
-                                                  // The fused kernel has no backward pass; training takes the graph form.
+        // The fused kernel has no backward pass; training takes the graph form.
         if xs.track_op() {
             return rotate_half_graph(xs, &cos, &sin);
         }
