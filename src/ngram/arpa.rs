@@ -208,7 +208,7 @@ pub fn read_arpa_from<R: BufRead>(reader: R, source: &Path) -> Result<Arpa> {
     let mut declared: Vec<usize> = Vec::new();
     let mut seen_data = false;
     let mut section: Option<(usize, usize)> = None; // (order, line of its header)
-                                                    // Before `\data\` anything goes (comments, or a file that is no ARPA at all).
+    // Before `\data\` anything goes (comments, or a file that is no ARPA at all).
     while !seen_data {
         match lines.next_bytes()? {
             Some((_, line)) => seen_data = line.trim_ascii() == b"\\data\\",
