@@ -9,6 +9,7 @@
 //! skip their weight gradients, see `crate::model::adapter`). The output folder is an
 //! adapter directory (PEFT layout) or, with `Mode::Full`, a model directory.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -21,15 +22,16 @@ use serde_json::json;
 use super::adapter::Adapter;
 use super::config::LoraConfig;
 use crate::fsutil::write_atomic;
-use crate::model::{param_count, ActivationCheckpointing, DropoutRng, Transformer};
+use crate::model::{param_count, Transformer};
 use crate::rng::SplitMix64;
 use crate::train::batches::{derive_seed, sample_batch};
 use crate::train::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
 use crate::train::metrics::{self, MetricsLog, StepRecord, METRICS_FILE};
-use crate::train::optimizer::{global_norm, AdamW, AdamWConfig};
+use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::schedule::{LrSchedule, Schedule};
 use crate::train::token_file::{self, TokenDtype, TokenFile};
-use crate::train::trainer::{accumulate_grads, cross_entropy};
+use crate::train::step::{apply_update, micro_batches, MicroBatches, StepContext};
+use crate::train::trainer::cross_entropy;
 use crate::train::{interrupt, StepReport, TrainSection};
 use crate::{Error, Result};
 
@@ -309,22 +311,18 @@ pub fn run(
         }
         let step_started = Instant::now();
         let lr = schedule.at(state.step);
-        let mut loss_sum = 0.0f64;
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        for micro in 0..train.grad_accum {
-            let batch = sample_batch(&train_data, batch_size, seq_len, &mut batch_rng, &device)?;
-            let dropout = DropoutRng::new(derive_seed(
-                setup.seed,
-                DROPOUT_STREAM ^ (state.step * train.grad_accum + micro).wrapping_mul(0x9E37_79B9),
-            ));
-            let checkpointing = match train.checkpoint_activations {
-                true => Some(ActivationCheckpointing::new(&device)?),
-                false => None,
-            };
-            let logits = model.forward_train(&batch.inputs, &dropout, checkpointing.as_ref())?; // (b, t, vocab)
-            let loss = cross_entropy(&logits, &batch.targets)?;
-            let loss_value = loss.to_scalar::<f32>()?;
-            if !loss_value.is_finite() {
+        let ctx = StepContext {
+            train,
+            data: &train_data,
+            vars: &vars,
+            device: &device,
+            seed: setup.seed,
+            dropout_stream: DROPOUT_STREAM,
+        };
+        let step_model = || Ok(Cow::Borrowed(&model));
+        let (train_loss, grads) = match micro_batches(step_model, &ctx, state.step, &mut batch_rng)? {
+            MicroBatches::Done { loss, grads } => (loss, grads),
+            MicroBatches::Diverged(loss_value) => {
                 log.flush()?;
                 return Err(Error::Invalid(format!(
                     "the training loss became {loss_value} at step {}: fine-tuning diverged; \
@@ -332,34 +330,14 @@ pub fn run(
                     state.step + 1
                 )));
             }
-            loss_sum += loss_value as f64;
-            let loss = match train.grad_accum {
-                1 => loss,
-                n => (loss / n as f64)?,
-            };
-            accumulate_grads(&loss, checkpointing.as_ref(), &vars, &mut grads)?;
-        }
-        let grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (_, var))| match g {
-                Some(g) => Ok(g),
-                None => Ok(var.as_tensor().zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
-        let grad_norm = global_norm(&grads)?;
-        let clip_scale = match train.grad_clip {
-            clip if clip > 0.0 && grad_norm > clip => clip / (grad_norm + 1e-6),
-            _ => 1.0,
         };
-        optimizer.step(&grads, lr, clip_scale)?;
+        let grad_norm = apply_update(&mut optimizer, &grads, lr, train.grad_clip)?;
         drop(grads);
         state.step += 1;
         state.tokens_seen += tokens_per_step;
         steps_this_run += 1;
         interval.1 += tokens_per_step;
         train_seconds += step_started.elapsed().as_secs_f64();
-        let train_loss = (loss_sum / train.grad_accum as f64) as f32;
         last_train_loss = Some(train_loss);
 
         let last = state.step == train.steps;

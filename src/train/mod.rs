@@ -21,6 +21,7 @@ pub mod interrupt;
 pub mod metrics;
 pub mod optimizer;
 pub mod schedule;
+pub(crate) mod step;
 pub mod token_file;
 pub mod trainer;
 pub mod vocab;

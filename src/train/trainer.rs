@@ -28,14 +28,14 @@ use super::batches::{derive_seed, sample_batch};
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
 use super::config::{Precision, TrainSetup};
 use super::metrics::{self, MetricsLog, StepRecord, METRICS_FILE};
-use super::optimizer::{global_norm, AdamW, AdamWConfig};
+use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::{LrSchedule, Schedule};
+use super::step::{apply_update, micro_batches, MicroBatches, StepContext};
 use super::token_file::{self, TokenDtype, TokenFile};
 use super::{interrupt, vocab};
 use crate::fsutil::write_atomic;
 use crate::model::{
-    fused_cross_entropy, param_count, training_memory, ActivationCheckpointing, DropoutRng,
-    ModelConfig, TrainingMemory, Transformer,
+    fused_cross_entropy, param_count, training_memory, ModelConfig, TrainingMemory, Transformer,
 };
 use crate::rng::SplitMix64;
 use crate::tokenize::{AnyTokenizer, Tokenizer};
@@ -248,30 +248,6 @@ fn step_model<'a>(
     }
 }
 
-/// Backpropagates `loss` and adds each variable's gradient into its slot of `grads`
-/// (summing over the micro-batches of a step); `checkpointing` holds what checkpointed
-/// blocks computed for the weights inside them.
-pub(crate) fn accumulate_grads(
-    loss: &Tensor,
-    checkpointing: Option<&ActivationCheckpointing>,
-    vars: &[(String, Var)],
-    grads: &mut [Option<Tensor>],
-) -> Result<()> {
-    let mut store = loss.backward()?;
-    if let Some(checkpointing) = checkpointing {
-        checkpointing.merge_into(&mut store)?;
-    }
-    for ((_, var), slot) in vars.iter().zip(grads.iter_mut()) {
-        // Detached, or a kept gradient would keep the micro-batch's graph alive.
-        let grad = store.remove(var.as_tensor()).map(|grad| grad.detach());
-        *slot = match (slot.take(), grad) {
-            (Some(acc), Some(g)) => Some((acc + g)?),
-            (acc, g) => acc.or(g),
-        };
-    }
-    Ok(())
-}
-
 /// Mean cross-entropy (nats per token) of `logits` (b, t, vocab) against `targets` (b, t).
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
@@ -467,7 +443,6 @@ pub fn run_with_control(
     let mut last_train_loss = None;
     let mut last_val_loss = None;
     let mut interrupted = false;
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     while state.step < train.steps {
         if interrupt::requested() {
             interrupted = true;
@@ -475,24 +450,18 @@ pub fn run_with_control(
         }
         let step_started = Instant::now();
         let lr = schedule.at(state.step);
-        let mut loss_sum = 0.0f64;
-        for micro in 0..train.grad_accum {
-            let batch = sample_batch(&data.train, batch_size, seq_len, &mut batch_rng, device)?;
-            let run_model = step_model(&model, &vars, precision)?;
-            let dropout = DropoutRng::new(derive_seed(
-                setup.seed,
-                DROPOUT_STREAM ^ (state.step * train.grad_accum + micro).wrapping_mul(0x9E37_79B9),
-            ));
-            let checkpointing = match train.checkpoint_activations {
-                true => Some(ActivationCheckpointing::new(device)?),
-                false => None,
-            };
-            let logits =
-                run_model.forward_train(&batch.inputs, &dropout, checkpointing.as_ref())?; // (b, t, vocab)
-            let loss = cross_entropy(&logits, &batch.targets)?;
-            // The one host read of the step: the loss, for the log and the NaN check.
-            let loss_value = loss.to_scalar::<f32>()?;
-            if !loss_value.is_finite() {
+        let ctx = StepContext {
+            train,
+            data: &data.train,
+            vars: &vars,
+            device,
+            seed: setup.seed,
+            dropout_stream: DROPOUT_STREAM,
+        };
+        let step_model = || step_model(&model, &vars, precision);
+        let (train_loss, grads) = match micro_batches(step_model, &ctx, state.step, &mut batch_rng)? {
+            MicroBatches::Done { loss, grads } => (loss, grads),
+            MicroBatches::Diverged(loss_value) => {
                 log.flush()?;
                 let kept = match state.step {
                     0 => "no checkpoint was written".to_string(),
@@ -510,34 +479,14 @@ pub fn run_with_control(
                     state.step + 1
                 )));
             }
-            loss_sum += loss_value as f64;
-            let loss = match train.grad_accum {
-                1 => loss,
-                n => (loss / n as f64)?,
-            };
-            accumulate_grads(&loss, checkpointing.as_ref(), &vars, &mut grads)?;
-        }
-        let grads_now: Vec<Tensor> = grads
-            .iter_mut()
-            .zip(&vars)
-            .map(|(g, (_, var))| match g.take() {
-                Some(g) => Ok(g),
-                None => Ok(var.as_tensor().zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
-        let grad_norm = global_norm(&grads_now)?;
-        let scale = match train.grad_clip {
-            clip if clip > 0.0 && grad_norm > clip => clip / (grad_norm + 1e-6),
-            _ => 1.0,
         };
-        optimizer.step(&grads_now, lr, scale)?;
-        drop(grads_now);
+        let grad_norm = apply_update(&mut optimizer, &grads, lr, train.grad_clip)?;
+        drop(grads);
         state.step += 1;
         state.tokens_seen += tokens_per_step;
         tokens_this_run += tokens_per_step;
         interval.1 += tokens_per_step;
         train_seconds += step_started.elapsed().as_secs_f64();
-        let train_loss = (loss_sum / train.grad_accum as f64) as f32;
         last_train_loss = Some(train_loss);
 
         let last = state.step == train.steps;
