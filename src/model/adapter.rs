@@ -230,13 +230,12 @@ impl LoraLinear {
         Ok(Some(mask))
     }
 
-    /// `dropout(x) A^T`, (.., r).
-    fn low(&self, xs: &Tensor, a: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let dropped = match mask {
-            Some(mask) => (xs * mask)?,
-            None => xs.clone(),
-        };
-        dropped.broadcast_matmul(&a.t()?)
+    /// `dropout(x)`: `xs` times `mask`, or `xs` without dropout.
+    fn dropped(xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match mask {
+            Some(mask) => xs * mask,
+            None => Ok(xs.clone()),
+        }
     }
 }
 
@@ -258,7 +257,8 @@ impl CustomOp3 for LoraLinear {
         let a = host_tensor(s2, l2, self.name())?; // (r, in)
         let b = host_tensor(s3, l3, self.name())?; // (out, r)
         let base = Linear::new(self.weight.detach(), None).forward(&xs)?; // (.., out)
-        let low = self.low(&xs, &a, self.mask(&xs)?.as_ref())?; // (.., r)
+        let dropped = Self::dropped(&xs, self.mask(&xs)?.as_ref())?; // (.., in)
+        let low = dropped.broadcast_matmul(&a.t()?)?; // (.., r)
         let up = low.broadcast_matmul(&b.t()?)?; // (.., out)
         into_storage((base + (up * self.scale)?)?, self.name())
     }
@@ -276,15 +276,12 @@ impl CustomOp3 for LoraLinear {
         let (out, r, inputs) = (b.dim(0)?, a.dim(0)?, a.dim(1)?);
         let mask = self.mask(&xs)?;
         let dy_rows = dy.reshape(((), out))?; // (n, out)
-        let low = self.low(&xs, &a, mask.as_ref())?.reshape(((), r))?; // (n, r)
+        let dropped = Self::dropped(&xs, mask.as_ref())?; // (.., in)
+        let low = dropped.broadcast_matmul(&a.t()?)?.reshape(((), r))?; // (n, r)
 
         // dL/dB = scale dy^T low; dL/d(low) = scale dy B; dL/dA = d(low)^T dropout(x)
         let grad_b = (dy_rows.t()?.matmul(&low)? * self.scale)?; // (out, r)
         let grad_low = (dy_rows.matmul(&b)? * self.scale)?; // (n, r)
-        let dropped = match &mask {
-            Some(mask) => (&xs * mask)?,
-            None => xs.clone(),
-        };
         let grad_a = grad_low.t()?.matmul(&dropped.reshape(((), inputs))?)?; // (r, in)
 
         // dL/dx = dy W + mask * (d(low) A); nothing when x needs no gradient (the

@@ -39,28 +39,16 @@ impl DropoutRng {
     /// Hands out the next `n` draws of this pass's stream to a kernel that makes its own
     /// mask: returns the stream state they start from (see [`DropoutRng::mask_of_stream`]).
     pub(crate) fn take_stream(&self, n: usize) -> u64 {
-        let start = self.state.get();
-        let skipped = start
-            .state
-            .wrapping_add((n as u64).wrapping_mul(SplitMix64::GAMMA));
-        self.state.set(SplitMix64::new(skipped));
-        start.state
+        let start = self.position();
+        self.seek(start.wrapping_add((n as u64).wrapping_mul(SplitMix64::GAMMA)));
+        start
     }
 
     /// The dropout factors of `n` elements from draws `0..n` of the stream at `state`:
     /// 0 where the draw, as a 53-bit uniform in [0, 1), is below `p` (so `p` is honoured
     /// to double precision), else `1 / (1 - p)`.
     pub(crate) fn mask_of_stream(state: u64, p: f64, n: usize) -> Vec<f32> {
-        let keep_scale = (1.0 / (1.0 - p)) as f32;
-        (0..n as u64)
-            .map(|i| {
-                if SplitMix64::nth_f64(state, i) < p {
-                    0.0
-                } else {
-                    keep_scale
-                }
-            })
-            .collect()
+        (0..n as u64).map(|i| mask_factor(state, i, p)).collect()
     }
 
     /// A seed for a kernel that draws its own mask (the fused attention), the next
@@ -80,6 +68,18 @@ impl DropoutRng {
         let mask = Self::mask_of_stream(self.take_stream(xs.elem_count()), p, xs.elem_count());
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs * mask
+    }
+}
+
+/// The dropout factor of element `i` drawn from the stream at `state`: 0 when draw `i`,
+/// as a 53-bit uniform in [0, 1), is below `p`, else `1 / (1 - p)`. Indexing the stream
+/// lets a backward pass redraw the forward's mask.
+#[inline(always)]
+pub(crate) fn mask_factor(state: u64, i: u64, p: f64) -> f32 {
+    if SplitMix64::nth_f64(state, i) < p {
+        0.0
+    } else {
+        (1.0 / (1.0 - p)) as f32
     }
 }
 

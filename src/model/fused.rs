@@ -27,7 +27,6 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::rng::SplitMix64;
 
 /// Whether the kernels here can take `xs`: f32 on the CPU.
 fn applies(xs: &Tensor) -> bool {
@@ -609,12 +608,7 @@ impl AttentionDropout {
     /// (`bi * heads + head`) over `t` positions.
     #[inline(always)]
     fn factor(&self, map: usize, t: usize, i: usize, j: usize) -> f32 {
-        let n = ((map * t + i) * t + j) as u64;
-        if SplitMix64::nth_f64(self.seed, n) < self.p {
-            0.0
-        } else {
-            (1.0 / (1.0 - self.p)) as f32
-        }
+        super::dropout::mask_factor(self.seed, ((map * t + i) * t + j) as u64, self.p)
     }
 
     /// Multiplies `rows` (query rows `i0..`, `keys` columns each) of map `map` by the mask.
