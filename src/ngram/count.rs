@@ -22,6 +22,7 @@ use std::collections::BinaryHeap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use super::vocab::{words, LineReader, Vocabulary, BOS, BOS_WORD, EOS, EOS_WORD, UNK_WORD};
 use crate::{Error, Result};
@@ -119,13 +120,18 @@ enum Run {
     Disk { file: SpillFile, rows: usize },
 }
 
-/// Blocks of reversed n-grams, sorted into runs and merged.
+/// Blocks of reversed n-grams, sorted into runs and merged. A full block is sorted
+/// on a worker thread while the next one fills, so counting uses two cores.
 struct RunSorter {
     order: usize,
     block: Vec<u32>,
     block_rows: usize,
     spill: bool,
     runs: Vec<Run>,
+    /// The worker sorting the previous block; it hands back the run and, for a
+    /// spilled run, the emptied block buffer, which the next flush reuses.
+    sorting: Option<JoinHandle<Result<(Run, Vec<u32>)>>>,
+    spare: Vec<u32>,
 }
 
 /// Rows per block when no memory budget is given (about 16 MiB per word of order).
@@ -134,9 +140,10 @@ const DEFAULT_BLOCK_ROWS: usize = 1 << 22;
 impl RunSorter {
     fn new(order: usize, memory_bytes: Option<u64>) -> Self {
         let (block_rows, spill) = match memory_bytes {
-            // A block, its sorted copy and the run made of it (ids plus a u64 count)
-            // fit the budget; no larger than the default either, so a generous budget
-            // is a ceiling, not a target (runs of repetitive text shrink as they merge).
+            // The block that fills, the block being sorted in place and the run made
+            // of it (ids plus a u64 count) fit the budget; no larger than the default
+            // either, so a generous budget is a ceiling, not a target (runs of
+            // repetitive text shrink as they merge).
             Some(bytes) => {
                 let per_row = (order * 4 * 3 + 8) as u64;
                 ((bytes / per_row).clamp(1024, DEFAULT_BLOCK_ROWS as u64) as usize, true)
@@ -149,6 +156,8 @@ impl RunSorter {
             block_rows,
             spill,
             runs: Vec::new(),
+            sorting: None,
+            spare: Vec::new(),
         }
     }
 
@@ -169,34 +178,44 @@ impl RunSorter {
         Ok(())
     }
 
-    /// Sorts the block, merges duplicates, and keeps or spills the run.
+    /// Hands the block to a worker that sorts it, merges duplicates, and keeps or
+    /// spills the run; waits first for the previous block's worker.
     fn flush(&mut self) -> Result<()> {
         if self.block.is_empty() {
             return Ok(());
         }
-        sort_rows(&mut self.block, self.order);
-        let (words, counts) = merge_duplicates(&self.block, self.order);
-        self.block.clear();
-        if self.spill {
-            let file = SpillFile::write(&words, &counts, self.order)?;
-            self.runs.push(Run::Disk {
-                file,
-                rows: counts.len(),
-            });
-        } else {
-            self.runs.push(Run::Memory { words, counts });
+        self.collect_run()?;
+        let full = std::mem::replace(&mut self.block, std::mem::take(&mut self.spare));
+        let (order, spill) = (self.order, self.spill);
+        self.sorting = Some(std::thread::spawn(move || make_run(full, order, spill)));
+        Ok(())
+    }
+
+    /// Waits for the worker, if one is sorting, and keeps its run.
+    fn collect_run(&mut self) -> Result<()> {
+        if let Some(worker) = self.sorting.take() {
+            let (run, spare) = worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            self.spare = spare;
+            self.runs.push(run);
         }
         Ok(())
     }
 
     fn finish(mut self) -> Result<PaddedCounts> {
         let order = self.order;
-        let (mut words, counts) = if self.runs.is_empty() {
+        let (mut words, counts) = if self.runs.is_empty() && self.sorting.is_none() {
             // Everything is still in the block: no need to touch the disk.
             sort_rows(&mut self.block, order);
-            merge_duplicates(&self.block, order)
+            let counts = merge_duplicates(&mut self.block, order);
+            (std::mem::take(&mut self.block), counts)
         } else {
             self.flush()?;
+            self.collect_run()?;
+            // The buffers are done with; free them before the merged counts grow.
+            self.block = Vec::new();
+            self.spare = Vec::new();
             merge_runs(std::mem::take(&mut self.runs), order)?
         };
         for row in words.chunks_exact_mut(order) {
@@ -208,6 +227,22 @@ impl RunSorter {
             counts,
         })
     }
+}
+
+/// Sorts a full block and merges its duplicates into a run. A run kept in memory
+/// takes the block; a spilled run is streamed to disk and gives the block back
+/// emptied for reuse. (Reusing it, and allocating nothing large on the worker,
+/// keeps glibc's malloc from holding tens of megabytes in the worker's arena.)
+fn make_run(mut block: Vec<u32>, order: usize, spill: bool) -> Result<(Run, Vec<u32>)> {
+    sort_rows(&mut block, order);
+    if spill {
+        let (file, rows) = SpillFile::write(&block, order)?;
+        block.clear();
+        return Ok((Run::Disk { file, rows }, block));
+    }
+    let counts = merge_duplicates(&mut block, order);
+    block.shrink_to_fit();
+    Ok((Run::Memory { words: block, counts }, Vec::new()))
 }
 
 /// Sorts the rows (each `order` ids) of `block` lexicographically.
@@ -223,17 +258,12 @@ fn sort_rows(block: &mut [u32], order: usize) {
     fixed_width!(1 2 3 4 5 6 7 8);
 }
 
-/// [`sort_rows`] for rows of a width known at compile time: sorting arrays
-/// compares inline, several times faster than sorting through a permutation.
+/// [`sort_rows`] for rows of a width known at compile time: sorting arrays in
+/// place compares inline, several times faster than sorting through a permutation.
 fn sort_fixed_rows<const WIDTH: usize>(block: &mut [u32]) {
-    let mut rows: Vec<[u32; WIDTH]> = block
-        .chunks_exact(WIDTH)
-        .map(|row| row.try_into().expect("chunks_exact gives WIDTH ids"))
-        .collect();
+    let (rows, rest) = block.as_chunks_mut::<WIDTH>();
+    debug_assert!(rest.is_empty(), "a block holds whole rows");
     rows.sort_unstable();
-    for (slot, row) in block.chunks_exact_mut(WIDTH).zip(&rows) {
-        slot.copy_from_slice(row);
-    }
 }
 
 /// [`sort_rows`] for orders without a fixed-width specialisation.
@@ -250,20 +280,30 @@ fn sort_rows_any_width(block: &mut [u32], order: usize) {
     block.copy_from_slice(&sorted);
 }
 
-/// Collapses equal adjacent rows of a sorted block, counting them.
-fn merge_duplicates(block: &[u32], order: usize) -> (Vec<u32>, Vec<u64>) {
-    let mut words: Vec<u32> = Vec::new();
-    let mut counts: Vec<u64> = Vec::new();
-    for row in block.chunks_exact(order) {
-        match counts.last_mut() {
-            Some(count) if &words[words.len() - order..] == row => *count += 1,
-            _ => {
-                words.extend_from_slice(row);
-                counts.push(1);
-            }
-        }
+/// Collapses equal adjacent rows of the sorted `block` in place, leaving each
+/// distinct row once, and returns their numbers of copies.
+fn merge_duplicates(block: &mut Vec<u32>, order: usize) -> Vec<u64> {
+    let counts: Vec<u64> = distinct_rows(block, order).map(|(_, count)| count).collect();
+    let mut source = 0;
+    for (kept, &count) in counts.iter().enumerate() {
+        block.copy_within(source * order..(source + 1) * order, kept * order);
+        source += count as usize;
     }
-    (words, counts)
+    block.truncate(counts.len() * order);
+    counts
+}
+
+/// The distinct rows of a sorted block, each with its number of copies.
+fn distinct_rows(block: &[u32], order: usize) -> impl Iterator<Item = (&[u32], u64)> {
+    let mut rows = block.chunks_exact(order).peekable();
+    std::iter::from_fn(move || {
+        let row = rows.next()?;
+        let mut count = 1;
+        while rows.next_if(|&next| next == row).is_some() {
+            count += 1;
+        }
+        Some((row, count))
+    })
 }
 
 /// A cursor over one run during the merge.
@@ -373,8 +413,9 @@ struct SpillFile {
 }
 
 impl SpillFile {
-    /// Writes a run: per row, `order` little-endian u32 ids then a u64 count.
-    fn write(words: &[u32], counts: &[u64], order: usize) -> Result<Self> {
+    /// Writes the distinct rows of a sorted block as a run: per row, `order`
+    /// little-endian u32 ids then a u64 count. Returns the file and its rows.
+    fn write(block: &[u32], order: usize) -> Result<(Self, usize)> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!(
@@ -390,17 +431,19 @@ impl SpillFile {
             .map_err(|e| Error::io(&path, e))?;
         let file = SpillFile { path };
         let mut out = BufWriter::with_capacity(1 << 16, handle);
+        let mut rows = 0;
         let written: std::io::Result<()> = (|| {
-            for (row, count) in words.chunks_exact(order).zip(counts) {
+            for (row, count) in distinct_rows(block, order) {
                 for id in row {
                     out.write_all(&id.to_le_bytes())?;
                 }
                 out.write_all(&count.to_le_bytes())?;
+                rows += 1;
             }
             out.flush()
         })();
         written.map_err(|e| Error::io(&file.path, e))?;
-        Ok(file)
+        Ok((file, rows))
     }
 }
 
