@@ -21,8 +21,13 @@ impl AtomicFile {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => Path::new("."),
         };
-        let temporary = tempfile::Builder::new()
-            .prefix(".nlp-partial-")
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".nlp-partial-");
+        // A temporary file is private (0600) by default; the output is an ordinary
+        // file, readable as the umask allows.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let temporary = builder
             .tempfile_in(dir)
             .map_err(|e| Error::io(target, e))?;
         Ok(AtomicFile {
@@ -92,5 +97,18 @@ mod tests {
         write_atomic(&target, b"new").unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn output_gets_the_permissions_of_an_ordinary_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ordinary = dir.path().join("ordinary.txt");
+        std::fs::write(&ordinary, "x").unwrap();
+        let target = dir.path().join("out.txt");
+        write_atomic(&target, b"x").unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&target), mode(&ordinary));
     }
 }
