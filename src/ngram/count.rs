@@ -24,7 +24,7 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use super::vocab::{words, LineReader, Vocabulary, BOS, BOS_WORD, EOS, EOS_WORD, UNK_WORD};
+use super::vocab::{split_words, LineReader, Vocabulary, BOS, BOS_WORD, EOS, EOS_WORD, UNK_WORD};
 use crate::{Error, Result};
 
 /// The distinct padded N-grams of a corpus with their counts, in suffix order.
@@ -70,14 +70,15 @@ pub(crate) fn count_ngrams<R: BufRead>(
     // The last N words, oldest first; reset to <s> padding at each sentence.
     let mut window = vec![BOS; order];
     let mut word_count = 0_u64;
-    while let Some((line_number, line)) = lines.next_line()? {
+    while let Some((line_number, line)) = lines.next_bytes()? {
         window.fill(BOS);
-        for word in words(line) {
+        for word in split_words(line) {
             let id = match vocab.id(word) {
                 Some(id) if id <= EOS => {
                     if opts.skip_symbols {
                         continue;
                     }
+                    let word = String::from_utf8_lossy(word);
                     return Err(Error::Parse {
                         path: source.to_path_buf(),
                         line: line_number,
@@ -88,7 +89,15 @@ pub(crate) fn count_ngrams<R: BufRead>(
                     });
                 }
                 Some(id) => id,
-                None => vocab.id_or_insert(word),
+                // Only a new word needs checking: the known ones were checked when added.
+                None => vocab.id_or_insert(word).map_err(|bad| {
+                    let column = word.as_ptr() as usize - line.as_ptr() as usize + bad + 1;
+                    Error::Parse {
+                        path: source.to_path_buf(),
+                        line: line_number,
+                        message: format!("expected UTF-8 text, found an invalid byte at column {column}"),
+                    }
+                })?,
             };
             slide(&mut window, id);
             sorter.push(&window)?;

@@ -93,7 +93,7 @@ pub(crate) fn tune<R: BufRead>(
         history.clear();
         history.push(BOS);
         let ids = words(line)
-            .map(|w| vocab.id(w).filter(|&id| id > EOS))
+            .map(|w| vocab.id(w.as_bytes()).filter(|&id| id > EOS))
             .chain(std::iter::once(Some(EOS)));
         for id in ids {
             let Some(word) = id else {

@@ -5,11 +5,11 @@
 //! whitespace belongs to the word). Ids are `<unk>` = 0, `<s>` = 1, `</s>` = 2,
 //! then the other words in order of first occurrence.
 
-use std::collections::HashMap;
+use std::hash::Hasher;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use super::hash::FastBuildHasher;
+use super::hash::FastHasher;
 use crate::{Error, Result};
 
 /// Id of the unknown word `<unk>`.
@@ -41,50 +41,122 @@ pub(crate) fn words(line: &str) -> impl Iterator<Item = &str> {
         .filter(|word| !word.is_empty())
 }
 
-/// Word strings and the map back to their ids.
+/// The words by id and the map back to their ids: an open-addressing table over
+/// one byte buffer, so a lookup touches one slot and, on a tag match, the word's
+/// bytes (a `HashMap<String, u32>` dereferences each key it compares).
 pub(crate) struct Vocabulary {
-    words: Vec<String>,
-    ids: HashMap<String, u32, FastBuildHasher>,
+    /// Every word's bytes, one after another: word `i` is `text[starts[i]..starts[i + 1]]`.
+    text: Vec<u8>,
+    starts: Vec<usize>,
+    /// Per slot, the high 32 bits of the word's hash and its id + 1 (0: empty).
+    slots: Vec<(u32, u32)>,
+    /// The words' hashes, to rebuild the table when it grows.
+    hashes: Vec<u64>,
 }
 
 impl Vocabulary {
     /// A vocabulary holding only `<unk>`, `<s>` and `</s>`.
     pub(crate) fn with_specials() -> Self {
         let mut vocab = Vocabulary {
-            words: Vec::new(),
-            ids: HashMap::default(),
+            text: Vec::new(),
+            starts: vec![0],
+            slots: vec![(0, 0); 1 << 10],
+            hashes: Vec::new(),
         };
         for word in [UNK_WORD, BOS_WORD, EOS_WORD] {
-            vocab.id_or_insert(word);
+            vocab.insert(word.as_bytes(), word_hash(word.as_bytes()));
         }
         vocab
     }
 
     /// The id of `word`, if known.
-    pub(crate) fn id(&self, word: &str) -> Option<u32> {
-        self.ids.get(word).copied()
+    #[inline]
+    pub(crate) fn id(&self, word: &[u8]) -> Option<u32> {
+        self.find(word, word_hash(word)).1
     }
 
-    /// The id of `word`, adding it if new.
-    pub(crate) fn id_or_insert(&mut self, word: &str) -> u32 {
-        if let Some(&id) = self.ids.get(word) {
-            return id;
+    /// The id of `word`, adding it if new. A new word must be UTF-8: the error
+    /// gives the offset of its first invalid byte.
+    pub(crate) fn id_or_insert(&mut self, word: &[u8]) -> std::result::Result<u32, usize> {
+        let hash = word_hash(word);
+        if let (_, Some(id)) = self.find(word, hash) {
+            return Ok(id);
         }
-        let id = u32::try_from(self.words.len()).expect("fewer than 2^32 distinct words");
-        self.words.push(word.to_owned());
-        self.ids.insert(word.to_owned(), id);
+        std::str::from_utf8(word).map_err(|e| e.valid_up_to())?;
+        Ok(self.insert(word, hash))
+    }
+
+    /// The slot where `word` is or would go, and its id if present.
+    #[inline]
+    fn find(&self, word: &[u8], hash: u64) -> (usize, Option<u32>) {
+        let mask = self.slots.len() - 1;
+        let tag = (hash >> 32) as u32;
+        let mut slot = hash as usize & mask;
+        loop {
+            match self.slots[slot] {
+                (_, 0) => return (slot, None),
+                (slot_tag, id_plus_one) if slot_tag == tag => {
+                    let id = (id_plus_one - 1) as usize;
+                    if &self.text[self.starts[id]..self.starts[id + 1]] == word {
+                        return (slot, Some(id_plus_one - 1));
+                    }
+                }
+                _ => {}
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+
+    /// Adds a word known to be absent and returns its id.
+    fn insert(&mut self, word: &[u8], hash: u64) -> u32 {
+        let id = u32::try_from(self.len())
+            .ok()
+            .filter(|&id| id < u32::MAX)
+            .expect("fewer than 2^32 - 1 distinct words");
+        self.text.extend_from_slice(word);
+        self.starts.push(self.text.len());
+        self.hashes.push(hash);
+        // Keep the table at most half full.
+        if 2 * self.hashes.len() > self.slots.len() {
+            self.slots = vec![(0, 0); 2 * self.slots.len()];
+            let mask = self.slots.len() - 1;
+            for (other, &hash) in self.hashes.iter().enumerate() {
+                let mut slot = hash as usize & mask;
+                while self.slots[slot].1 != 0 {
+                    slot = (slot + 1) & mask;
+                }
+                self.slots[slot] = ((hash >> 32) as u32, other as u32 + 1);
+            }
+        } else {
+            let (slot, _) = self.find(word, hash);
+            self.slots[slot] = ((hash >> 32) as u32, id + 1);
+        }
         id
     }
 
     /// Number of words, specials included.
     pub(crate) fn len(&self) -> usize {
-        self.words.len()
+        self.starts.len() - 1
     }
 
     /// The words by id.
     pub(crate) fn into_words(self) -> Vec<String> {
-        self.words
+        self.starts
+            .windows(2)
+            .map(|span| {
+                String::from_utf8(self.text[span[0]..span[1]].to_vec())
+                    .expect("words are checked for UTF-8 when added")
+            })
+            .collect()
     }
+}
+
+/// The hash of a word's bytes for the vocabulary table.
+#[inline]
+fn word_hash(word: &[u8]) -> u64 {
+    let mut hasher = FastHasher::default();
+    hasher.write(word);
+    hasher.finish()
 }
 
 /// Reads a text line by line, numbering lines from 1 and naming the file in errors.
@@ -161,11 +233,27 @@ mod tests {
     #[test]
     fn ids_are_specials_then_first_occurrence() {
         let mut vocab = Vocabulary::with_specials();
-        assert_eq!(vocab.id_or_insert("the"), 3);
-        assert_eq!(vocab.id_or_insert("cat"), 4);
-        assert_eq!(vocab.id_or_insert("the"), 3);
-        assert_eq!(vocab.id("<s>"), Some(BOS));
+        assert_eq!(vocab.id_or_insert(b"the"), Ok(3));
+        assert_eq!(vocab.id_or_insert(b"cat"), Ok(4));
+        assert_eq!(vocab.id_or_insert(b"the"), Ok(3));
+        assert_eq!(vocab.id(b"<s>"), Some(BOS));
+        assert_eq!(vocab.id(b"dog"), None);
+        assert_eq!(vocab.id_or_insert(b"d\xc3g"), Err(1));
         assert_eq!(vocab.into_words(), ["<unk>", "<s>", "</s>", "the", "cat"]);
+    }
+
+    #[test]
+    fn every_word_keeps_its_id_as_the_table_grows() {
+        let mut vocab = Vocabulary::with_specials();
+        let words: Vec<String> = (0..5000).map(|i| format!("w{i}")).collect();
+        for (i, word) in words.iter().enumerate() {
+            assert_eq!(vocab.id_or_insert(word.as_bytes()), Ok(i as u32 + 3));
+        }
+        for (i, word) in words.iter().enumerate() {
+            assert_eq!(vocab.id(word.as_bytes()), Some(i as u32 + 3));
+        }
+        assert_eq!(vocab.id(b"w5000"), None);
+        assert_eq!(vocab.len(), 5003);
     }
 
     #[test]
