@@ -18,11 +18,13 @@
 //! distinct N-grams.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::binary_heap::{BinaryHeap, PeekMut};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+
+use rayon::slice::ParallelSliceMut;
 
 use super::vocab::{split_words, LineReader, Vocabulary, BOS, BOS_WORD, EOS, EOS_WORD, UNK_WORD};
 use crate::{Error, Result};
@@ -196,7 +198,7 @@ impl RunSorter {
         self.collect_run()?;
         let full = std::mem::replace(&mut self.block, std::mem::take(&mut self.spare));
         let (order, spill) = (self.order, self.spill);
-        self.sorting = Some(std::thread::spawn(move || make_run(full, order, spill)));
+        self.sorting = Some(std::thread::spawn(move || make_run(full, order, spill, false)));
         Ok(())
     }
 
@@ -216,14 +218,18 @@ impl RunSorter {
         let order = self.order;
         let (mut words, counts) = if self.runs.is_empty() && self.sorting.is_none() {
             // Everything is still in the block: no need to touch the disk.
-            sort_rows(&mut self.block, order);
+            sort_rows(&mut self.block, order, true);
             let counts = merge_duplicates(&mut self.block, order);
             (std::mem::take(&mut self.block), counts)
         } else {
-            self.flush()?;
+            // The last block is sorted here, on every core, since nothing else is
+            // left to do meanwhile.
             self.collect_run()?;
+            let last = std::mem::take(&mut self.block);
+            if !last.is_empty() {
+                self.runs.push(make_run(last, order, self.spill, true)?.0);
+            }
             // The buffers are done with; free them before the merged counts grow.
-            self.block = Vec::new();
             self.spare = Vec::new();
             merge_runs(std::mem::take(&mut self.runs), order)?
         };
@@ -238,12 +244,18 @@ impl RunSorter {
     }
 }
 
-/// Sorts a full block and merges its duplicates into a run. A run kept in memory
-/// takes the block; a spilled run is streamed to disk and gives the block back
-/// emptied for reuse. (Reusing it, and allocating nothing large on the worker,
-/// keeps glibc's malloc from holding tens of megabytes in the worker's arena.)
-fn make_run(mut block: Vec<u32>, order: usize, spill: bool) -> Result<(Run, Vec<u32>)> {
-    sort_rows(&mut block, order);
+/// Sorts a full block (with rayon when `parallel`) and merges its duplicates into a
+/// run. A run kept in memory takes the block; a spilled run is streamed to disk and
+/// gives the block back emptied for reuse. (Reusing it, and allocating nothing large
+/// on the worker, keeps glibc's malloc from holding tens of megabytes in the
+/// worker's arena.)
+fn make_run(
+    mut block: Vec<u32>,
+    order: usize,
+    spill: bool,
+    parallel: bool,
+) -> Result<(Run, Vec<u32>)> {
+    sort_rows(&mut block, order, parallel);
     if spill {
         let (file, rows) = SpillFile::write(&block, order)?;
         block.clear();
@@ -254,13 +266,14 @@ fn make_run(mut block: Vec<u32>, order: usize, spill: bool) -> Result<(Run, Vec<
     Ok((Run::Memory { words: block, counts }, Vec::new()))
 }
 
-/// Sorts the rows (each `order` ids) of `block` lexicographically.
-fn sort_rows(block: &mut [u32], order: usize) {
+/// Sorts the rows (each `order` ids) of `block` lexicographically, with rayon
+/// when `parallel`.
+fn sort_rows(block: &mut [u32], order: usize, parallel: bool) {
     macro_rules! fixed_width {
         ($($width:literal)*) => {
             match order {
-                $($width => sort_fixed_rows::<$width>(block),)*
-                _ => sort_rows_any_width(block, order),
+                $($width => sort_fixed_rows::<$width>(block, parallel),)*
+                _ => sort_rows_any_width(block, order, parallel),
             }
         };
     }
@@ -269,19 +282,28 @@ fn sort_rows(block: &mut [u32], order: usize) {
 
 /// [`sort_rows`] for rows of a width known at compile time: sorting arrays in
 /// place compares inline, several times faster than sorting through a permutation.
-fn sort_fixed_rows<const WIDTH: usize>(block: &mut [u32]) {
+fn sort_fixed_rows<const WIDTH: usize>(block: &mut [u32], parallel: bool) {
     let (rows, rest) = block.as_chunks_mut::<WIDTH>();
     debug_assert!(rest.is_empty(), "a block holds whole rows");
-    rows.sort_unstable();
+    if parallel {
+        rows.par_sort_unstable();
+    } else {
+        rows.sort_unstable();
+    }
 }
 
 /// [`sort_rows`] for orders without a fixed-width specialisation.
-fn sort_rows_any_width(block: &mut [u32], order: usize) {
+fn sort_rows_any_width(block: &mut [u32], order: usize, parallel: bool) {
     let rows = block.len() / order;
     let mut permutation: Vec<usize> = (0..rows).collect();
-    permutation.sort_unstable_by(|&a, &b| {
+    let compare = |&a: &usize, &b: &usize| {
         block[a * order..(a + 1) * order].cmp(&block[b * order..(b + 1) * order])
-    });
+    };
+    if parallel {
+        permutation.par_sort_unstable_by(compare);
+    } else {
+        permutation.sort_unstable_by(compare);
+    }
     let sorted: Vec<u32> = permutation
         .iter()
         .flat_map(|&row| block[row * order..(row + 1) * order].iter().copied())
@@ -315,58 +337,93 @@ fn distinct_rows(block: &[u32], order: usize) -> impl Iterator<Item = (&[u32], u
     })
 }
 
-/// A cursor over one run during the merge.
-enum RunCursor {
-    Memory {
-        words: Vec<u32>,
-        counts: Vec<u64>,
-        next: usize,
-    },
-    Disk {
-        reader: BufReader<File>,
-        path: PathBuf,
-        left: usize,
-        _file: SpillFile,
-    },
+/// Rows read at a time from a spilled run during the merge.
+const MERGE_CHUNK_ROWS: usize = 1 << 14;
+
+/// A cursor over one run during the merge: the rows in hand and, for a spilled
+/// run, the rest of its file, read a chunk at a time.
+struct RunCursor {
+    words: Vec<u32>,
+    counts: Vec<u64>,
+    next: usize,
+    disk: Option<RunOnDisk>,
+}
+
+/// The unread part of a spilled run.
+struct RunOnDisk {
+    reader: File,
+    rows_left: usize,
+    bytes: Vec<u8>,
+    file: SpillFile,
 }
 
 impl RunCursor {
-    /// Writes the next row into `row` and returns its count, or `None` at the end.
-    fn next(&mut self, row: &mut [u32]) -> Result<Option<u64>> {
-        match self {
-            RunCursor::Memory {
+    fn new(run: Run, order: usize) -> Result<Self> {
+        Ok(match run {
+            Run::Memory { words, counts } => RunCursor {
                 words,
                 counts,
-                next,
-            } => {
-                if *next == counts.len() {
-                    return Ok(None);
-                }
-                let order = row.len();
-                row.copy_from_slice(&words[*next * order..(*next + 1) * order]);
-                *next += 1;
-                Ok(Some(counts[*next - 1]))
+                next: 0,
+                disk: None,
+            },
+            Run::Disk { file, rows } => {
+                let reader = File::open(&file.path).map_err(|e| Error::io(&file.path, e))?;
+                let mut cursor = RunCursor {
+                    words: Vec::new(),
+                    counts: Vec::new(),
+                    next: 0,
+                    disk: Some(RunOnDisk {
+                        reader,
+                        rows_left: rows,
+                        bytes: Vec::new(),
+                        file,
+                    }),
+                };
+                cursor.refill(order)?;
+                cursor
             }
-            RunCursor::Disk {
-                reader, path, left, ..
-            } => {
-                if *left == 0 {
-                    return Ok(None);
-                }
-                *left -= 1;
-                let mut buf = [0_u8; 8];
-                for id in row.iter_mut() {
-                    reader
-                        .read_exact(&mut buf[..4])
-                        .map_err(|e| Error::io(&*path, e))?;
-                    *id = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                }
-                reader
-                    .read_exact(&mut buf)
-                    .map_err(|e| Error::io(&*path, e))?;
-                Ok(Some(u64::from_le_bytes(buf)))
+        })
+    }
+
+    /// Writes the next row into `row` and returns its count, or `None` at the end.
+    fn next(&mut self, row: &mut [u32]) -> Result<Option<u64>> {
+        let order = row.len();
+        if self.next == self.counts.len() {
+            self.refill(order)?;
+            if self.counts.is_empty() {
+                return Ok(None);
             }
         }
+        row.copy_from_slice(&self.words[self.next * order..(self.next + 1) * order]);
+        self.next += 1;
+        Ok(Some(self.counts[self.next - 1]))
+    }
+
+    /// Replaces the rows in hand by the next chunk of the file (none at its end).
+    fn refill(&mut self, order: usize) -> Result<()> {
+        self.words.clear();
+        self.counts.clear();
+        self.next = 0;
+        let Some(disk) = self.disk.as_mut() else {
+            return Ok(());
+        };
+        let rows = disk.rows_left.min(MERGE_CHUNK_ROWS);
+        let width = order * 4 + 8;
+        disk.bytes.resize(rows * width, 0);
+        disk.reader
+            .read_exact(&mut disk.bytes)
+            .map_err(|e| Error::io(&disk.file.path, e))?;
+        disk.rows_left -= rows;
+        for record in disk.bytes.chunks_exact(width) {
+            let (ids, count) = record.split_at(order * 4);
+            self.words.extend(
+                ids.chunks_exact(4)
+                    .map(|id| u32::from_le_bytes(id.try_into().expect("4 bytes"))),
+            );
+            self.counts
+                .push(u64::from_le_bytes(count.try_into().expect("8 bytes")));
+        }
+        Ok(())
     }
 }
 
@@ -374,22 +431,7 @@ impl RunCursor {
 fn merge_runs(runs: Vec<Run>, order: usize) -> Result<(Vec<u32>, Vec<u64>)> {
     let mut cursors = Vec::with_capacity(runs.len());
     for run in runs {
-        cursors.push(match run {
-            Run::Memory { words, counts } => RunCursor::Memory {
-                words,
-                counts,
-                next: 0,
-            },
-            Run::Disk { file, rows } => {
-                let handle = File::open(&file.path).map_err(|e| Error::io(&file.path, e))?;
-                RunCursor::Disk {
-                    reader: BufReader::with_capacity(1 << 16, handle),
-                    path: file.path.clone(),
-                    left: rows,
-                    _file: file,
-                }
-            }
-        });
+        cursors.push(RunCursor::new(run, order)?);
     }
     // Heap of (row, count, run); ties between runs go to the lower run index.
     let mut heap = BinaryHeap::new();
@@ -401,16 +443,22 @@ fn merge_runs(runs: Vec<Run>, order: usize) -> Result<(Vec<u32>, Vec<u64>)> {
     }
     let mut words: Vec<u32> = Vec::new();
     let mut counts: Vec<u64> = Vec::new();
-    while let Some(Reverse((mut row, count, index))) = heap.pop() {
+    // The smallest row is taken from the top and replaced there by its run's next
+    // row: one sift per row instead of a pop and a push.
+    while let Some(mut top) = heap.peek_mut() {
+        let Reverse((row, count, index)) = &mut *top;
         match counts.last_mut() {
-            Some(last) if words[words.len() - order..] == row[..] => *last += count,
+            Some(last) if words[words.len() - order..] == row[..] => *last += *count,
             _ => {
-                words.extend_from_slice(&row);
-                counts.push(count);
+                words.extend_from_slice(row);
+                counts.push(*count);
             }
         }
-        if let Some(next_count) = cursors[index].next(&mut row)? {
-            heap.push(Reverse((row, next_count, index)));
+        match cursors[*index].next(row)? {
+            Some(next_count) => *count = next_count,
+            None => {
+                PeekMut::pop(top);
+            }
         }
     }
     Ok((words, counts))
@@ -504,6 +552,20 @@ mod tests {
             .collect();
         let (in_memory, _) = count(&text, 4, None);
         let (spilled, _) = count(&text, 4, Some(1));
+        assert_eq!(in_memory.words, spilled.words);
+        assert_eq!(in_memory.counts, spilled.counts);
+    }
+
+    #[test]
+    fn spilled_runs_read_in_several_chunks_merge_to_the_same_counts() {
+        // A 1 MiB budget gives blocks of about 18,700 order-4 rows, most of them
+        // distinct here, so each spilled run is read back in more than one chunk.
+        let text: String = (0..40_000)
+            .map(|i| format!("w{} x{} y{}\n", i % 1009, i % 1013, i % 17))
+            .collect();
+        let (in_memory, _) = count(&text, 4, None);
+        let (spilled, _) = count(&text, 4, Some(1 << 20));
+        assert!(in_memory.len() > 2 * MERGE_CHUNK_ROWS);
         assert_eq!(in_memory.words, spilled.words);
         assert_eq!(in_memory.counts, spilled.counts);
     }
