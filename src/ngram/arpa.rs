@@ -106,8 +106,9 @@ pub fn write_arpa(model: &Arpa, path: &Path) -> Result<()> {
 const ROWS_PER_TASK: usize = 1 << 13;
 
 /// Writes `model` in ARPA format to `out`. Lines are formatted in parallel, a
-/// window of tasks at a time so that memory stays bounded, and written in order.
-pub fn write_arpa_to<W: Write>(model: &Arpa, out: &mut W) -> std::io::Result<()> {
+/// window of tasks at a time so that memory stays bounded, and written in order;
+/// one window is written while the next is formatted.
+pub fn write_arpa_to<W: Write + Send>(model: &Arpa, out: &mut W) -> std::io::Result<()> {
     use rayon::prelude::*;
 
     let top = model.order();
@@ -120,17 +121,25 @@ pub fn write_arpa_to<W: Write>(model: &Arpa, out: &mut W) -> std::io::Result<()>
     for order in &model.orders {
         write!(out, "\n\\{}-grams:\n", order.order)?;
         let tasks: Vec<usize> = (0..order.len()).step_by(ROWS_PER_TASK).collect();
+        let mut formatted: Vec<String> = Vec::new();
         for starts in tasks.chunks(window) {
-            let formatted: Vec<String> = starts
-                .par_iter()
-                .map(|&start| {
-                    let end = (start + ROWS_PER_TASK).min(order.len());
-                    format_rows(model, order, start..end, order.order < top)
-                })
-                .collect();
-            for chunk in formatted {
-                out.write_all(chunk.as_bytes())?;
-            }
+            let (written, next) = rayon::join(
+                || formatted.iter().try_for_each(|chunk| out.write_all(chunk.as_bytes())),
+                || {
+                    starts
+                        .par_iter()
+                        .map(|&start| {
+                            let end = (start + ROWS_PER_TASK).min(order.len());
+                            format_rows(model, order, start..end, order.order < top)
+                        })
+                        .collect::<Vec<String>>()
+                },
+            );
+            written?;
+            formatted = next;
+        }
+        for chunk in &formatted {
+            out.write_all(chunk.as_bytes())?;
         }
     }
     out.write_all(b"\n\\end\\\n")
