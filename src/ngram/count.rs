@@ -545,29 +545,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn spilled_runs_merge_to_the_same_counts() {
-        let text: String = (0..3000)
-            .map(|i| format!("w{} x{} w{}\n", i % 37, i % 11, i % 5))
-            .collect();
-        let (in_memory, _) = count(&text, 4, None);
-        let (spilled, _) = count(&text, 4, Some(1));
-        assert_eq!(in_memory.words, spilled.words);
-        assert_eq!(in_memory.counts, spilled.counts);
+    /// Lines of three words, the i-th made of `i` modulo each of `moduli`.
+    fn cycling_text(lines: usize, moduli: [usize; 3]) -> String {
+        (0..lines)
+            .map(|i| format!("w{} x{} y{}\n", i % moduli[0], i % moduli[1], i % moduli[2]))
+            .collect()
     }
 
     #[test]
-    fn spilled_runs_read_in_several_chunks_merge_to_the_same_counts() {
-        // A 1 MiB budget gives blocks of about 18,700 order-4 rows, most of them
-        // distinct here, so each spilled run is read back in more than one chunk.
-        let text: String = (0..40_000)
-            .map(|i| format!("w{} x{} y{}\n", i % 1009, i % 1013, i % 17))
-            .collect();
-        let (in_memory, _) = count(&text, 4, None);
-        let (spilled, _) = count(&text, 4, Some(1 << 20));
-        assert!(in_memory.len() > 2 * MERGE_CHUNK_ROWS);
-        assert_eq!(in_memory.words, spilled.words);
-        assert_eq!(in_memory.counts, spilled.counts);
+    fn spilled_runs_merge_to_the_same_counts() {
+        // Budget 1 byte: blocks of 1,024 rows, a dozen runs. Budget 1 MiB: blocks of
+        // about 18,700 order-4 rows, most of them distinct in the second text, so
+        // each run is read back in more than one chunk.
+        for (text, budget) in [
+            (cycling_text(3000, [37, 11, 5]), 1),
+            (cycling_text(40_000, [1009, 1013, 17]), 1 << 20),
+        ] {
+            let (in_memory, _) = count(&text, 4, None);
+            let (spilled, _) = count(&text, 4, Some(budget));
+            assert_eq!(in_memory.words, spilled.words);
+            assert_eq!(in_memory.counts, spilled.counts);
+        }
+        let (wide, _) = count(&cycling_text(40_000, [1009, 1013, 17]), 4, None);
+        assert!(wide.len() > 2 * MERGE_CHUNK_ROWS);
     }
 
     #[test]
