@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use nlp::cli::Cli;
 
 fn main() -> ExitCode {
+    fix_thread_count();
     let cli = match Cli::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
         Err(err) => return report_usage_error(err),
@@ -18,6 +19,18 @@ fn main() -> ExitCode {
             eprintln!("nlp: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Sets `RAYON_NUM_THREADS`, when unset, to the thread count candle would choose
+/// (one per physical core). candle asks for its count before every matrix product and,
+/// without the variable, recounts the cores by reading `/proc/cpuinfo` each time:
+/// dozens of reads per decoded token. With it set, rayon's pool and candle's products
+/// use the same count, read once. Called first, before any thread exists.
+fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
 }
 
