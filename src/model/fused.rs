@@ -377,8 +377,9 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<T
 
 // ---------------------------------------------------------------- few-row linear
 
-/// Row counts [`few_rows_linear`] takes: verifying a speculative draft, stepping beams.
-const FEW_ROWS: std::ops::RangeInclusive<usize> = 2..=16;
+/// Row counts [`few_rows_linear`] takes: decoding one position, verifying a
+/// speculative draft, stepping beams.
+const FEW_ROWS: std::ops::RangeInclusive<usize> = 1..=16;
 
 simd_kernel! {
     /// Output columns `first..first + out.len() / m` of `x W^T` for the `m` rows of `x`
@@ -396,7 +397,7 @@ simd_kernel! {
 /// `x W^T` for a few rows of `x` (.., k) against `weight` (n, k), without gradients:
 /// each weight row is read once for all the rows, where a general matrix product
 /// would first copy the whole weight into its packed layout, which costs more than the
-/// arithmetic at two to sixteen rows. `None` when the kernel does not apply.
+/// arithmetic at one to sixteen rows. `None` when the kernel does not apply.
 pub(crate) fn few_rows_linear(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let k = xs.dims().last().copied().unwrap_or(0);
     let rows = xs.elem_count() / k.max(1);
@@ -411,9 +412,10 @@ pub(crate) fn few_rows_linear(xs: &Tensor, weight: &Tensor) -> candle_core::Resu
     }
     let n = weight.dim(0)?;
     const COLUMNS_PER_TASK: usize = 64;
-    // Handing work to the thread pool and waiting for it costs tens of microseconds:
-    // a product smaller than this runs on the calling thread.
-    const PARALLEL_FROM: usize = 1 << 20; // multiply-adds
+    // Handing work to the thread pool and waiting for it costs some microseconds: a
+    // product smaller than this (a 256 x 512 weight for one row) runs on the calling
+    // thread. Above it, two threads read the weight at twice the bandwidth of one.
+    const PARALLEL_FROM: usize = 1 << 17; // multiply-adds
     let out = with_host([xs, weight], "few-rows-linear", |[x, w]| {
         let mut by_column = vec![0f32; n * rows];
         let task = |(task, out): (usize, &mut [f32])| {
@@ -1287,15 +1289,13 @@ mod tests {
     #[test]
     fn few_rows_linear_matches_matmul_and_declines_other_shapes() {
         let weight = randn(&[37, 24], 30).as_tensor().detach();
-        for rows in [2, 5, 16] {
+        for rows in [1, 2, 5, 16] {
             let x = randn(&[1, rows, 24], 31).as_tensor().detach();
             let fast = few_rows_linear(&x, &weight).unwrap().expect("applies");
             let reference = x.broadcast_matmul(&weight.t().unwrap()).unwrap();
             assert!(max_diff(&fast, &reference) < 1e-5);
         }
-        let one = randn(&[1, 1, 24], 32).as_tensor().detach();
         let many = randn(&[1, 17, 24], 33).as_tensor().detach();
-        assert!(few_rows_linear(&one, &weight).unwrap().is_none());
         assert!(few_rows_linear(&many, &weight).unwrap().is_none());
         let tracked = randn(&[1, 4, 24], 34);
         assert!(few_rows_linear(tracked.as_tensor(), &weight).unwrap().is_none());
