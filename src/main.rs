@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use nlp::cli::Cli;
 
 fn main() -> ExitCode {
-    fix_thread_count();
+    set_up_threads();
     let cli = match Cli::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
         Err(err) => return report_usage_error(err),
     };
     init_logging(cli.global.quiet, cli.global.verbose);
-    match nlp::cmd::run(cli) {
+    match on_thread_pool(|| nlp::cmd::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
@@ -22,16 +22,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// Sets `RAYON_NUM_THREADS`, when unset, to the thread count candle would choose
-/// (one per physical core). candle asks for its count before every matrix product and,
-/// without the variable, recounts the cores by reading `/proc/cpuinfo` each time:
-/// dozens of reads per decoded token. With it set, rayon's pool and candle's products
-/// use the same count, read once. Called first, before any thread exists.
-fn fix_thread_count() {
+/// Sets up rayon's global pool before any thread exists. `RAYON_NUM_THREADS`, when
+/// unset, becomes the thread count candle would choose (one per physical core):
+/// candle asks for its count before every matrix product and, without the variable,
+/// recounts the cores by reading `/proc/cpuinfo` each time, dozens of reads per
+/// decoded token. The pool's threads get the main thread's 8 MiB of stack, since the
+/// whole command runs on one of them ([`on_thread_pool`]).
+fn set_up_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    // Fails only if a pool exists already, which then serves as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
+}
+
+/// Runs `work` on a thread of rayon's global pool. A parallel loop started there
+/// runs on its own thread and the pool's others; started from outside the pool, it
+/// would be queued for the pool while the caller sleeps, and every matrix product of
+/// a decoding step would pay for waking the caller again.
+fn on_thread_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    rayon::scope(|_| work())
 }
 
 /// Help and version go to stdout with exit 0; a usage error is one line on stderr.
