@@ -36,7 +36,7 @@ pub fn diverse_beam_search<M: LanguageModel>(
 ) -> Result<Vec<Generation>> {
     let beam = &diverse.beam;
     beam.validate()?;
-    if diverse.groups == 0 || beam.num_beams % diverse.groups != 0 {
+    if diverse.groups == 0 || !beam.num_beams.is_multiple_of(diverse.groups) {
         return Err(Error::Invalid(format!(
             "the number of beams ({}) must be a multiple of the number of groups ({})",
             beam.num_beams, diverse.groups

@@ -341,8 +341,8 @@ pub fn run(
         last_train_loss = Some(train_loss);
 
         let last = state.step == train.steps;
-        let is_eval = last || (train.eval_every > 0 && state.step % train.eval_every == 0);
-        let is_log = is_eval || state.step % train.log_every.max(1) == 0;
+        let is_eval = last || (train.eval_every > 0 && state.step.is_multiple_of(train.eval_every));
+        let is_log = is_eval || state.step.is_multiple_of(train.log_every.max(1));
         let tokens_per_s = interval.1 as f64 / interval.0.elapsed().as_secs_f64().max(1e-9);
         let val_loss = match is_eval {
             true => {
@@ -380,7 +380,7 @@ pub fn run(
             interrupted = true;
             break;
         }
-        if !last && train.checkpoint_every > 0 && state.step % train.checkpoint_every == 0 {
+        if !last && train.checkpoint_every > 0 && state.step.is_multiple_of(train.checkpoint_every) {
             save_all(&optimizer, &state, &mut log)?;
         }
     }

@@ -141,9 +141,12 @@ struct RunSorter {
     runs: Vec<Run>,
     /// The worker sorting the previous block; it hands back the run and, for a
     /// spilled run, the emptied block buffer, which the next flush reuses.
-    sorting: Option<JoinHandle<Result<(Run, Vec<u32>)>>>,
+    sorting: Option<JoinHandle<Result<SortedBlock>>>,
     spare: Vec<u32>,
 }
+
+/// A block made into a run, and the block's buffer when the run does not keep it.
+type SortedBlock = (Run, Vec<u32>);
 
 /// Rows per block when no memory budget is given (about 16 MiB per word of order).
 const DEFAULT_BLOCK_ROWS: usize = 1 << 22;
@@ -254,7 +257,7 @@ fn make_run(
     order: usize,
     spill: bool,
     parallel: bool,
-) -> Result<(Run, Vec<u32>)> {
+) -> Result<SortedBlock> {
     sort_rows(&mut block, order, parallel);
     if spill {
         let (file, rows) = SpillFile::write(&block, order)?;
