@@ -47,6 +47,26 @@ impl Cli {
                 }
             } else if arg.to_str().is_some_and(|a| a.starts_with("--set=")) {
                 sets.push(arg);
+            } else if arg == "--prune" {
+                // lmplz's form `--prune 0 1 1`: the counts that follow join into
+                // `0,1,1`, and the next word that is not a count (the corpus) is left.
+                rest.push(arg);
+                let mut counts: Vec<String> = Vec::new();
+                while let Some(count) = args.next() {
+                    let text = count.to_string_lossy().into_owned();
+                    let is_counts = text.split(',').all(|piece| piece.parse::<u64>().is_ok());
+                    if counts.is_empty() || is_counts {
+                        counts.push(text);
+                    } else {
+                        rest.push(counts.join(",").into());
+                        counts.clear();
+                        rest.push(count);
+                        break;
+                    }
+                }
+                if !counts.is_empty() {
+                    rest.push(counts.join(",").into());
+                }
             } else {
                 rest.push(arg);
             }
@@ -331,9 +351,9 @@ pub struct NgramTrainArgs {
     #[arg(long, value_name = "METHOD")]
     pub smoothing: Option<String>,
 
-    /// Pruning thresholds per order, comma-separated (e.g. 0,1,1), as lmplz's
-    /// --prune: n-grams of order n >= 2 seen at most T_n times are dropped; the first
-    /// value must be 0 and the last repeats for higher orders.
+    /// Pruning thresholds per order, as lmplz's --prune: n-grams of order n >= 2 seen
+    /// at most T_n times are dropped; the first value must be 0 and the last repeats
+    /// for higher orders. Comma- or space-separated: 0,1,1 or 0 1 1.
     #[arg(long, value_delimiter = ',', value_name = "T1,T2,...")]
     pub prune: Vec<u64>,
 

@@ -356,6 +356,30 @@ fn ngram_literal_sentence_marker_suggests_skip_symbols_and_writes_nothing() {
 }
 
 #[test]
+fn ngram_prune_takes_lmplz_space_separated_thresholds_too() {
+    let sandbox = Sandbox::new();
+    sandbox.write("text.txt", "a b c a b\nb c a b c\na b d\n");
+    let train = |args: &[&str], output: &str| {
+        let out = sandbox
+            .nlp()
+            .args(["ngram", "train", "--order", "3"])
+            .args(args)
+            .args(["-o", output])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        std::fs::read_to_string(sandbox.path().join(output)).unwrap()
+    };
+    let spaced = train(&["--prune", "0", "1", "1", "text.txt"], "spaced.arpa");
+    let commas = train(&["text.txt", "--prune", "0,1,1"], "commas.arpa");
+    let full = train(&["text.txt"], "full.arpa");
+    assert_eq!(spaced, commas);
+    // Thresholds of 1 drop the bigrams and trigrams seen once.
+    assert_ne!(spaced, full);
+    assert!(spaced.len() < full.len());
+}
+
+#[test]
 fn ngram_with_a_tokenizer_counts_the_ids_bpe_encode_gives() {
     let sandbox = Sandbox::new();
     let text = std::fs::read(shared().join("data/tinyshakespeare.txt")).unwrap();
