@@ -52,7 +52,7 @@ impl Cli {
                 // `0,1,1`, and the next word that is not a count (the corpus) is left.
                 rest.push(arg);
                 let mut counts: Vec<String> = Vec::new();
-                while let Some(count) = args.next() {
+                for count in args.by_ref() {
                     let text = count.to_string_lossy().into_owned();
                     let is_counts = text.split(',').all(|piece| piece.parse::<u64>().is_ok());
                     if counts.is_empty() || is_counts {
