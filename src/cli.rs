@@ -51,22 +51,20 @@ impl Cli {
                 // lmplz's form `--prune 0 1 1`: the counts that follow join into
                 // `0,1,1`, and the next word that is not a count (the corpus) is left.
                 rest.push(arg);
-                let mut counts: Vec<String> = Vec::new();
-                for count in args.by_ref() {
-                    let text = count.to_string_lossy().into_owned();
-                    let is_counts = text.split(',').all(|piece| piece.parse::<u64>().is_ok());
-                    if counts.is_empty() || is_counts {
-                        counts.push(text);
+                let (mut counts, mut after): (Vec<String>, _) = (Vec::new(), None);
+                for word in args.by_ref() {
+                    let text = word.to_string_lossy();
+                    if counts.is_empty() || text.split(',').all(|piece| piece.parse::<u64>().is_ok()) {
+                        counts.push(text.into_owned());
                     } else {
-                        rest.push(counts.join(",").into());
-                        counts.clear();
-                        rest.push(count);
+                        after = Some(word);
                         break;
                     }
                 }
                 if !counts.is_empty() {
                     rest.push(counts.join(",").into());
                 }
+                rest.extend(after);
             } else {
                 rest.push(arg);
             }

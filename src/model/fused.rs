@@ -27,7 +27,6 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-
 /// Whether the kernels here can take `xs`: f32 on the CPU.
 fn applies(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32

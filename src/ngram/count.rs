@@ -361,7 +361,9 @@ struct RunOnDisk {
 }
 
 impl RunCursor {
-    fn new(run: Run, order: usize) -> Result<Self> {
+    /// A cursor before the first row; a spilled run's first chunk is read by the
+    /// first [`RunCursor::next`].
+    fn new(run: Run) -> Result<Self> {
         Ok(match run {
             Run::Memory { words, counts } => RunCursor {
                 words,
@@ -371,7 +373,7 @@ impl RunCursor {
             },
             Run::Disk { file, rows } => {
                 let reader = File::open(&file.path).map_err(|e| Error::io(&file.path, e))?;
-                let mut cursor = RunCursor {
+                RunCursor {
                     words: Vec::new(),
                     counts: Vec::new(),
                     next: 0,
@@ -381,9 +383,7 @@ impl RunCursor {
                         bytes: Vec::new(),
                         file,
                     }),
-                };
-                cursor.refill(order)?;
-                cursor
+                }
             }
         })
     }
@@ -434,7 +434,7 @@ impl RunCursor {
 fn merge_runs(runs: Vec<Run>, order: usize) -> Result<(Vec<u32>, Vec<u64>)> {
     let mut cursors = Vec::with_capacity(runs.len());
     for run in runs {
-        cursors.push(RunCursor::new(run, order)?);
+        cursors.push(RunCursor::new(run)?);
     }
     // Heap of (row, count, run); ties between runs go to the lower run index.
     let mut heap = BinaryHeap::new();

@@ -72,33 +72,33 @@ impl Vocabulary {
     /// The id of `word`, if known.
     #[inline]
     pub(crate) fn id(&self, word: &[u8]) -> Option<u32> {
-        self.find(word, word_hash(word)).1
+        self.find(word, word_hash(word))
     }
 
     /// The id of `word`, adding it if new. A new word must be UTF-8: the error
     /// gives the offset of its first invalid byte.
     pub(crate) fn id_or_insert(&mut self, word: &[u8]) -> std::result::Result<u32, usize> {
         let hash = word_hash(word);
-        if let (_, Some(id)) = self.find(word, hash) {
+        if let Some(id) = self.find(word, hash) {
             return Ok(id);
         }
         std::str::from_utf8(word).map_err(|e| e.valid_up_to())?;
         Ok(self.insert(word, hash))
     }
 
-    /// The slot where `word` is or would go, and its id if present.
+    /// The id of `word`, whose hash is `hash`, if present.
     #[inline]
-    fn find(&self, word: &[u8], hash: u64) -> (usize, Option<u32>) {
+    fn find(&self, word: &[u8], hash: u64) -> Option<u32> {
         let mask = self.slots.len() - 1;
         let tag = (hash >> 32) as u32;
         let mut slot = hash as usize & mask;
         loop {
             match self.slots[slot] {
-                (_, 0) => return (slot, None),
+                (_, 0) => return None,
                 (slot_tag, id_plus_one) if slot_tag == tag => {
                     let id = (id_plus_one - 1) as usize;
                     if &self.text[self.starts[id]..self.starts[id + 1]] == word {
-                        return (slot, Some(id_plus_one - 1));
+                        return Some(id_plus_one - 1);
                     }
                 }
                 _ => {}
@@ -119,17 +119,11 @@ impl Vocabulary {
         // Keep the table at most half full.
         if 2 * self.hashes.len() > self.slots.len() {
             self.slots = vec![(0, 0); 2 * self.slots.len()];
-            let mask = self.slots.len() - 1;
             for (other, &hash) in self.hashes.iter().enumerate() {
-                let mut slot = hash as usize & mask;
-                while self.slots[slot].1 != 0 {
-                    slot = (slot + 1) & mask;
-                }
-                self.slots[slot] = ((hash >> 32) as u32, other as u32 + 1);
+                place(&mut self.slots, other as u32, hash);
             }
         } else {
-            let (slot, _) = self.find(word, hash);
-            self.slots[slot] = ((hash >> 32) as u32, id + 1);
+            place(&mut self.slots, id, hash);
         }
         id
     }
@@ -149,6 +143,16 @@ impl Vocabulary {
             })
             .collect()
     }
+}
+
+/// Puts word `id` with `hash` into the first empty slot of its probe sequence.
+fn place(slots: &mut [(u32, u32)], id: u32, hash: u64) {
+    let mask = slots.len() - 1;
+    let mut slot = hash as usize & mask;
+    while slots[slot].1 != 0 {
+        slot = (slot + 1) & mask;
+    }
+    slots[slot] = ((hash >> 32) as u32, id + 1);
 }
 
 /// The hash of a word's bytes for the vocabulary table.
