@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use nlp::cli::Cli;
+use nlp::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     set_up_threads();
@@ -12,6 +12,12 @@ fn main() -> ExitCode {
         Err(err) => return report_usage_error(err),
     };
     init_logging(cli.global.quiet, cli.global.verbose);
+    if matches!(
+        cli.command,
+        Some(Command::Train(_) | Command::Generate(_) | Command::Eval(_) | Command::Lora(_))
+    ) {
+        keep_freed_memory();
+    }
     match on_thread_pool(|| nlp::cmd::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
@@ -37,6 +43,23 @@ fn set_up_threads() {
     let _ = rayon::ThreadPoolBuilder::new()
         .stack_size(8 << 20)
         .build_global();
+}
+
+/// Tells glibc's allocator to keep freed memory for the next allocation. A forward
+/// pass allocates and frees the same large activations layer after layer; by default
+/// those above a (self-raising) threshold are mapped and unmapped each time, or the
+/// heap's top is handed back, so every pass faults in and zeroes fresh pages: about a
+/// fifth of a 512-token prefill. Peak memory is unchanged: a freed block is reused,
+/// not added to. Blocks of 32 MiB and more (glibc's cap for this setting) are still
+/// mapped on their own.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets allocator parameters, under the allocator's lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
 }
 
 /// Runs `work` on a thread of rayon's global pool. A parallel loop started there
