@@ -211,9 +211,10 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _c) = xs.dims3()?; // (b, t, c)
         let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
-        // A whole sequence without a cache (training, scoring): one fused kernel from the
-        // projections to o_proj's input, when it applies (f32 on the CPU).
-        if kv.is_none() && offset == 0 && t > 1 {
+        // A whole sequence from its start (training, scoring, a prompt's prefill): one
+        // fused kernel from the projections to o_proj's input, when it applies (f32 on
+        // the CPU). Its keys and values then fill the empty cache.
+        if offset == 0 && t > 1 {
             let rope = match rotary {
                 Some(rotary) => rotary.host_tables(),
                 None => None,
@@ -229,6 +230,14 @@ impl Attention {
                     self.v_proj.forward(xs, rng)?, // (b, t, g * d)
                 );
                 if let Some(out) = fused::causal_attention(&q, &k, &v, (h, g, d), rope, dropout)? {
+                    if let Some(slot) = kv {
+                        let heads = |xs: Tensor| xs.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous();
+                        let mut k = heads(k)?; // (b, g, t, d)
+                        if let Some(rotary) = rotary {
+                            k = rotary.apply(&k, 0)?;
+                        }
+                        *slot = Some(LayerKv { k, v: heads(v)? });
+                    }
                     return self.o_proj.forward(&out, rng); // (b, t, c)
                 }
             }
