@@ -10,6 +10,8 @@
 //! The cache stores keys after RoPE and before the GQA repeat, so it holds
 //! `num_key_value_heads` heads: that saving is the point of GQA.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -34,11 +36,17 @@ pub(crate) struct LayerKv {
 /// buffer (candle-nn's `KvCache`): that costs a copy per step, but a `clone` shares
 /// nothing that a later append mutates, so forking a state for beam search, sampling or
 /// speculative drafts is free and safe.
+///
+/// The rows of a batched step stay views of its cache ([`KvCache::unstack`]); when
+/// the same rows are stacked again in the same order (beams whose parents did not
+/// change places), [`KvCache::stack`] takes the batched cache back without a copy.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<LayerKv>>,
     /// Number of positions cached.
     len: usize,
+    /// The batched cache this one is a row of, and which row, while it is unchanged.
+    row_of: Option<(Arc<KvCache>, usize)>,
 }
 
 impl KvCache {
@@ -68,6 +76,7 @@ impl KvCache {
 
     /// The slot of layer `index`, growing the list on first use.
     pub(crate) fn layer_mut(&mut self, index: usize) -> &mut Option<LayerKv> {
+        self.row_of = None;
         if self.layers.len() <= index {
             self.layers.resize(index + 1, None);
         }
@@ -84,6 +93,7 @@ impl KvCache {
         if len > self.len {
             candle_core::bail!("cannot keep {len} of {} cached positions", self.len);
         }
+        self.row_of = None;
         for layer in self.layers.iter_mut().flatten() {
             layer.k = layer.k.narrow(2, 0, len)?;
             layer.v = layer.v.narrow(2, 0, len)?;
@@ -97,6 +107,16 @@ impl KvCache {
         let first = caches
             .first()
             .expect("stack is called with at least one cache");
+        if let Some((batched, _)) = &first.row_of {
+            let rows = batched.layers.first().and_then(Option::as_ref).and_then(|kv| kv.k.dim(0).ok());
+            let unchanged = rows == Some(caches.len())
+                && caches.iter().enumerate().all(|(index, cache)| {
+                    matches!(&cache.row_of, Some((b, row)) if Arc::ptr_eq(b, batched) && *row == index)
+                });
+            if unchanged {
+                return Ok(KvCache::clone(batched));
+            }
+        }
         let mut layers = Vec::with_capacity(first.layers.len());
         for index in 0..first.layers.len() {
             let mut ks = Vec::with_capacity(caches.len());
@@ -118,29 +138,34 @@ impl KvCache {
         Ok(KvCache {
             layers,
             len: first.len,
+            row_of: None,
         })
     }
 
-    /// Splits a batched cache into one cache per batch row.
-    pub(crate) fn unstack(&self, batch: usize) -> candle_core::Result<Vec<KvCache>> {
-        let mut out = vec![
-            KvCache {
-                layers: Vec::new(),
-                len: self.len
-            };
-            batch
-        ];
-        for kv in &self.layers {
-            let kv = kv.as_ref().expect("a stepped cache has every layer");
-            for (row, cache) in out.iter_mut().enumerate() {
-                cache.layers.push(Some(LayerKv {
-                    // Own the rows, so one fork does not keep the whole batch alive.
-                    k: kv.k.narrow(0, row, 1)?.contiguous()?.copy()?,
-                    v: kv.v.narrow(0, row, 1)?.contiguous()?.copy()?,
-                }));
-            }
-        }
-        Ok(out)
+    /// Splits a batched cache into one cache per batch row: views of its rows, which
+    /// keep the batched tensors alive while any of them is held.
+    pub(crate) fn unstack(self, batch: usize) -> candle_core::Result<Vec<KvCache>> {
+        let batched = Arc::new(self);
+        (0..batch)
+            .map(|row| {
+                let layers = batched
+                    .layers
+                    .iter()
+                    .map(|kv| {
+                        let kv = kv.as_ref().expect("a stepped cache has every layer");
+                        Ok(Some(LayerKv {
+                            k: kv.k.narrow(0, row, 1)?,
+                            v: kv.v.narrow(0, row, 1)?,
+                        }))
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                Ok(KvCache {
+                    layers,
+                    len: batched.len,
+                    row_of: Some((Arc::clone(&batched), row)),
+                })
+            })
+            .collect()
     }
 }
 

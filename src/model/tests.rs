@@ -239,6 +239,23 @@ fn batched_advance_matches_one_state_at_a_time() {
         .flatten()
         .zip(b.iter().flatten())
         .all(|(x, y)| (x - y).abs() < 1e-5));
+    // Rows in another order, one of them twice (beams whose parents changed places)
+    // are copied into a new batch; the old rows are left as they were.
+    let mut reordered = vec![batch[2].clone(), batch[0].clone(), batch[0].clone()];
+    let mut singles_reordered = vec![singles[2].clone(), singles[0].clone(), singles[0].clone()];
+    model.advance_batch(&mut reordered, &[5, 6, 7]).unwrap();
+    for (state, token) in singles_reordered.iter_mut().zip([5, 6, 7]) {
+        model.advance(state, token).unwrap();
+    }
+    for (states, want) in [(&reordered, &singles_reordered), (&batch, &singles)] {
+        let a = model.next_logprobs(states).unwrap();
+        let b = model.next_logprobs(want).unwrap();
+        assert!(a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .all(|(x, y)| (x - y).abs() < 1e-5));
+    }
 }
 
 #[test]
