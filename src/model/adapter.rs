@@ -156,15 +156,20 @@ impl Projection {
     }
 }
 
-/// `linear` applied to `xs`, through the few-row kernel when it applies (decoding a
-/// handful of positions at once).
+/// `linear` applied to `xs`: through the few-row kernel when it applies (decoding a
+/// handful of positions at once), else as one op over all rows (training's products).
 pub(crate) fn few_rows_or_linear(linear: &Linear, xs: &Tensor) -> candle_core::Result<Tensor> {
-    match super::fused::few_rows_linear(xs, linear.weight())? {
-        Some(ys) => match linear.bias() {
-            Some(bias) => ys.broadcast_add(bias),
-            None => Ok(ys),
+    let weight = linear.weight();
+    let ys = match super::fused::few_rows_linear(xs, weight)? {
+        Some(ys) => ys,
+        None => match super::fused::linear(xs, weight)? {
+            Some(ys) => ys,
+            None => return linear.forward(xs),
         },
-        None => linear.forward(xs),
+    };
+    match linear.bias() {
+        Some(bias) => ys.broadcast_add(bias),
+        None => Ok(ys),
     }
 }
 
