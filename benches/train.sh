@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # nlp train beside PyTorch (benches/train_ref.py: the same Llama-style architecture and
-# recipe) on the same thread count.
+# recipe) on the same thread count and the same cores.
 #
 #   benches/train.sh            # 2000 steps of configs/shakespeare-char.toml + the large config
 #   benches/train.sh --quick    # 200 steps, and 5 steps of the large config
 #
 # Environment: THREADS (default 1) sets RAYON_NUM_THREADS for nlp (candle's matmuls
-# and our kernels use rayon's pool) and torch.set_num_threads for PyTorch.
+# and our kernels use rayon's pool) and torch.set_num_threads for PyTorch; both are
+# pinned (taskset) to the first THREADS cores when the machine has more.
 # Prints validation loss and training tokens/s (evaluation excluded) of both, the
 # tokens/s ratio, and for dim 384 / 6 layers / 6 heads / seq 256 / batch 16 also peak
 # resident memory (/usr/bin/time's maximum RSS).
@@ -35,9 +36,16 @@ build_nlp
 python_env torch numpy
 PY="$VENV/bin/python"
 
+# Both tools run on the same cores, the first $THREADS: PyTorch keeps helper threads
+# beside the ones torch.set_num_threads counts, which would otherwise take another core.
+pin=()
+if command -v taskset > /dev/null && [ "$THREADS" -lt "$(nproc)" ]; then
+  pin=(taskset -c "0-$((THREADS - 1))")
+fi
+
 # nlp train with the shakespeare-char config, extra arguments first (--set ...); the
 # output folder is $OUT/train-run.
-nlp_train=(env RAYON_NUM_THREADS="$THREADS" "$NLP" --json -q --config "$ROOT/configs/shakespeare-char.toml")
+nlp_train=("${pin[@]}" env RAYON_NUM_THREADS="$THREADS" "$NLP" --json -q --config "$ROOT/configs/shakespeare-char.toml")
 
 json_field() { # field, file (one JSON document, or JSON lines: the last one)
   "$PY" - "$1" "$2" <<'PYEOF'
@@ -55,7 +63,7 @@ echo "== shakespeare-char: dim 128, 4 layers, 4 heads, hidden 352, seq 64, batch
 rm -rf "$OUT/train-run"
 measure_cpu "${nlp_train[@]}" --set "train.steps=$STEPS" train "$CORPUS" -o "$OUT/train-run" > "$OUT/time-nlp-small.txt"
 cp "$OUT/last.log" "$OUT/nlp-small.json"
-measure_cpu "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" --steps "$STEPS" \
+measure_cpu "${pin[@]}" "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" --steps "$STEPS" \
   --threads "$THREADS" > "$OUT/time-torch-small.txt"
 cp "$OUT/last.log" "$OUT/torch-small.json"
 # CPU seconds (user + system) of a whole run, start-up and evaluation included: on a
@@ -80,7 +88,7 @@ large=(--set model.dim=384 --set model.n_layers=6 --set model.n_heads=6 --set mo
 rm -rf "$OUT/train-run"
 read -r _ nlp_kib < <(measure "${nlp_train[@]}" "${large[@]}" train "$CORPUS" -o "$OUT/train-run")
 cp "$OUT/last.log" "$OUT/nlp-large.json"
-read -r _ torch_kib < <(measure "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" \
+read -r _ torch_kib < <(measure "${pin[@]}" "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" \
   --dim 384 --layers 6 --heads 6 --hidden 1024 --seq-len 256 --batch 16 \
   --steps "$LARGE_STEPS" --warmup 2 --eval-batches 1 --threads "$THREADS")
 cp "$OUT/last.log" "$OUT/torch-large.json"
