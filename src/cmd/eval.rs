@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
-use super::loaded::Loaded;
+use super::loaded::{Codec, Loaded};
 use super::Context;
 use crate::data;
 use crate::rng::SplitMix64;
@@ -20,7 +20,8 @@ use crate::eval::{
     perplexity::word_count, table::Table, EfficiencySettings, Perplexity, Prediction,
 };
 use crate::lm::LanguageModel;
-use crate::ngram::NgramModel;
+use crate::ngram::{NgramModel, SubwordNgram};
+use crate::tokenize::IdLines;
 
 /// `nlp eval`
 #[derive(Debug, clap::Args)]
@@ -45,6 +46,13 @@ pub struct EvalArgs {
     /// Each line is scored on its own.
     #[arg(long, value_name = "FILE")]
     pub ids: Option<PathBuf>,
+
+    /// For an n-gram model counted over a tokenizer's ids (`nlp ngram train -t`): that
+    /// tokenizer.json. TEXT is encoded with it line by line, as `nlp ngram query -t`
+    /// does, and --ids are its ids; bits per byte and word perplexity still count the
+    /// text's own bytes and words. Model directories keep their own tokenizer.json.
+    #[arg(short = 't', long, value_name = "TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
 
     /// Report log-likelihood, cross-entropy, token- and word-level perplexity and bits
     /// per byte (the default when no other report is asked for).
@@ -160,6 +168,14 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
     let started = Instant::now();
     let loaded = Loaded::open_with_adapters(path, ctx, &args.adapters)?;
     let load_seconds = started.elapsed().as_secs_f64();
+    if let (Some(tokenizer), Loaded::Transformer { .. }) = (&args.tokenizer, &loaded) {
+        bail!(
+            "-t {}: {} is a model directory, which reads text with its own tokenizer.json; \
+             -t is for n-gram models counted over a tokenizer's ids",
+            tokenizer.display(),
+            path.display()
+        );
+    }
     let rss_after_load = efficiency::memory("VmRSS");
     let input = match perplexity || token_calibration || args.efficiency {
         true => read_input(&args, &loaded)?,
@@ -278,7 +294,11 @@ fn write_plot(
 fn read_input(args: &EvalArgs, loaded: &Loaded) -> Result<Option<Input>> {
     if let Some(path) = &args.ids {
         let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        let vocab = loaded.vocab_size();
+        // Through -t, an n-gram model reads the tokenizer's ids, which its decoding checks.
+        let vocab = match (loaded, &args.tokenizer) {
+            (Loaded::Ngram { .. }, Some(_)) => u32::MAX as usize,
+            _ => loaded.vocab_size(),
+        };
         let mut sequences = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let line_number = index + 1;
@@ -397,23 +417,13 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
             })
         }
         Loaded::Ngram { model, words } => {
-            let text = match input {
-                Input::Text { text, .. } => text.clone(),
-                Input::Ids { sequences, .. } => sequences
-                    .iter()
-                    .map(|ids| {
-                        let line: Vec<&str> =
-                            ids.iter().map(|&id| words[id as usize].as_str()).collect();
-                        line.join(" ") + "\n"
-                    })
-                    .collect(),
-            };
+            let (text, source) = ngram_lines(model, words, input, args.tokenizer.as_deref())?;
             let query = model.query(text.as_bytes())?;
             let mut perplexity = Perplexity::new(
                 query.tokens,
                 -query.log10_prob * std::f64::consts::LN_10,
-                word_count(&text),
-                text.len(),
+                word_count(&source),
+                source.len(),
             )?;
             // Exactly the figure `nlp ngram query` prints (not re-derived from mean_nll).
             perplexity.perplexity = query.perplexity;
@@ -431,6 +441,63 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
                 predictions,
                 ngram: Some(ngram),
             })
+        }
+    }
+}
+
+/// What an n-gram model reads of `input`, lines of words, and the text those stand
+/// for, whose bytes and words are counted. With `tokenizer` (a model counted over its
+/// ids), text is encoded line by line as `nlp ngram query -t` encodes it, and ids are
+/// the tokenizer's; without, ids are the model's own word ids.
+fn ngram_lines(
+    model: &NgramModel,
+    words: &[String],
+    input: &Input,
+    tokenizer: Option<&Path>,
+) -> Result<(String, String)> {
+    let Some(tokenizer_path) = tokenizer else {
+        let text = match input {
+            Input::Text { text, .. } => text.clone(),
+            Input::Ids { sequences, .. } => sequences
+                .iter()
+                .map(|ids| {
+                    let line: Vec<&str> = ids.iter().map(|&id| words[id as usize].as_str()).collect();
+                    line.join(" ") + "\n"
+                })
+                .collect(),
+        };
+        return Ok((text.clone(), text));
+    };
+    if !SubwordNgram::counts_token_ids(model) {
+        bail!(
+            "-t {}: the n-gram model's words are not token ids; -t is for a model counted \
+             with `nlp ngram train -t`",
+            tokenizer_path.display()
+        );
+    }
+    let tokenizer = Codec::load_tokenizer(tokenizer_path)
+        .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
+    match input {
+        Input::Text { text, .. } => {
+            let mut lines = String::new();
+            IdLines::new(&tokenizer, text.as_bytes())
+                .read_to_string(&mut lines)
+                .with_context(|| format!("encoding the text with {}", tokenizer_path.display()))?;
+            Ok((lines, text.clone()))
+        }
+        Input::Ids { path, sequences } => {
+            let mut lines = String::new();
+            let mut source = Vec::new();
+            for (index, ids) in sequences.iter().enumerate() {
+                let ids_text: Vec<String> = ids.iter().map(u32::to_string).collect();
+                lines.push_str(&(ids_text.join(" ") + "\n"));
+                let bytes = tokenizer.decode_bytes(ids).with_context(|| {
+                    format!("{}:{}: decoding with {}", path.display(), index + 1, tokenizer_path.display())
+                })?;
+                source.extend(bytes);
+                source.push(b'\n');
+            }
+            Ok((lines, String::from_utf8_lossy(&source).into_owned()))
         }
     }
 }

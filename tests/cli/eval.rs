@@ -124,6 +124,44 @@ fn ngram_perplexity_equals_kenlm_and_ngram_query() {
 }
 
 #[test]
+fn ngram_over_token_ids_reads_text_through_its_tokenizer() {
+    let sandbox = Sandbox::new();
+    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
+    sandbox.write("train.txt", &text[..100_000]);
+    // Held-out lines without blank ones, so the text and its --ids hold the same lines.
+    let heldout: String = text.lines().skip(3000).filter(|l| !l.trim().is_empty()).take(150).map(|l| format!("{l}\n")).collect();
+    sandbox.write("heldout.txt", &heldout);
+    let run = |args: &[&str]| {
+        let out = sandbox.nlp().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    run(&["-q", "bpe", "train", "--vocab-size", "400", "train.txt", "-o", "tok.json"]);
+    run(&["-q", "ngram", "train", "--order", "3", "-t", "tok.json", "train.txt", "-o", "sub.arpa"]);
+    let query: Value = serde_json::from_str(&run(&["--json", "ngram", "query", "-m", "sub.arpa", "-t", "tok.json", "heldout.txt"])).unwrap();
+    let report = eval_json(&sandbox, &["-m", "sub.arpa", "-t", "tok.json", "heldout.txt"]);
+    assert_eq!(report["perplexity"], query["perplexity"]);
+    assert_eq!(report["tokens"], query["tokens"]);
+    assert_eq!(report["oov"], 0);
+    // Bits per byte and word perplexity count the text itself, not its ids.
+    assert_eq!(report["bytes"].as_u64().unwrap() as usize, heldout.len());
+    assert_eq!(report["words"].as_u64().unwrap() as usize, heldout.split_whitespace().count());
+    // The same lines as the tokenizer's ids score the same.
+    sandbox.write("ids.txt", &run(&["bpe", "encode", "-t", "tok.json", "heldout.txt"]));
+    let from_ids = eval_json(&sandbox, &["-m", "sub.arpa", "-t", "tok.json", "--ids", "ids.txt"]);
+    for field in ["tokens", "log10_prob", "bytes", "words"] {
+        assert_eq!(from_ids[field], report[field], "{field}");
+    }
+    // -t is refused where the model has words, or a tokenizer of its own.
+    for (model, message) in [(kenlm_arpa(), "not token ids"), (tiny_llama(), "own tokenizer.json")] {
+        let out = sandbox.nlp().args(["eval", "-t", "tok.json", "-m"]).arg(&model).arg("heldout.txt").output().unwrap();
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains(message) && err.trim().lines().count() == 1, "{err}");
+    }
+}
+
+#[test]
 fn token_calibration_equals_the_values_worked_from_transformers_logits() {
     let sandbox = Sandbox::new();
     let ids = tensor_rows("input_ids");
