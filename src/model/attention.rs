@@ -224,13 +224,13 @@ impl Attention {
 
     /// Attends from `xs` (positions `offset..offset + t`) to the cached positions and to
     /// `xs` itself, appending `xs`'s keys and values to `kv` when a cache is given.
-    /// `mask` is the additive causal mask (t, offset + t) in f32, `None` when t == 1.
+    /// `mask` is the additive causal mask (t, offset + t), `None` when t == 1.
     pub(crate) fn forward(
         &self,
         xs: &Tensor,
         rotary: Option<&Rotary>,
         offset: usize,
-        mask: Option<&Tensor>,
+        mask: Option<&CausalMask>,
         kv: Option<&mut Option<LayerKv>>,
         rng: Option<&DropoutRng>,
     ) -> candle_core::Result<Tensor> {
@@ -299,7 +299,7 @@ impl Attention {
         // transformers does: exp of large half-precision scores overflows.
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?; // (b, h, t, s)
         let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
+            Some(mask) => scores.broadcast_add(mask.get()?)?,
             None => scores,
         };
         // The fused softmax has no backward pass; training takes the graph form.
@@ -331,9 +331,36 @@ fn repeat_kv(xs: Tensor, groups: usize) -> candle_core::Result<Tensor> {
         .reshape((b, g * groups, s, d)) // (b, h, s, d)
 }
 
+/// The causal mask of one forward pass, built the first time a layer needs it: the
+/// fused attention kernel masks by itself, so a pass that takes it in every layer
+/// (training, scoring, prefill) never builds the (t, offset + t) matrix.
+#[derive(Debug, Clone)]
+pub(crate) struct CausalMask {
+    t: usize,
+    offset: usize,
+    device: candle_core::Device,
+    built: std::sync::OnceLock<Tensor>,
+}
+
+impl CausalMask {
+    /// The mask for `t` new positions after `offset` cached ones, not yet built.
+    pub(crate) fn new(t: usize, offset: usize, device: &candle_core::Device) -> Self {
+        CausalMask { t, offset, device: device.clone(), built: std::sync::OnceLock::new() }
+    }
+
+    /// The additive mask (t, offset + t) in f32 (see [`causal_mask`]).
+    pub(crate) fn get(&self) -> candle_core::Result<&Tensor> {
+        if let Some(mask) = self.built.get() {
+            return Ok(mask);
+        }
+        let mask = causal_mask(self.t, self.offset, &self.device)?;
+        Ok(self.built.get_or_init(|| mask))
+    }
+}
+
 /// The additive causal mask for `t` new positions after `offset` cached ones: entry
 /// (i, j) is 0 when key j is at or before query `offset + i`, and -inf after it.
-pub(crate) fn causal_mask(
+fn causal_mask(
     t: usize,
     offset: usize,
     device: &candle_core::Device,

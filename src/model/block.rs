@@ -10,7 +10,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::adapter::Projection;
-use super::attention::{Attention, LayerKv};
+use super::attention::{Attention, CausalMask, LayerKv};
 use super::config::{ModelConfig, NormPosition};
 use super::dropout::DropoutRng;
 use super::mlp::Mlp;
@@ -67,7 +67,7 @@ impl Block {
         xs: &Tensor,
         rotary: Option<&Rotary>,
         offset: usize,
-        mask: Option<&Tensor>,
+        mask: Option<&CausalMask>,
         kv: Option<&mut Option<LayerKv>>,
         rng: Option<&DropoutRng>,
     ) -> candle_core::Result<Tensor> {

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, Var};
 
+use super::attention::CausalMask;
 use super::block::Block;
 use super::dropout::DropoutRng;
 use super::rope::Rotary;
@@ -53,7 +54,7 @@ impl ActivationCheckpointing {
         block: &Block,
         xs: &Tensor,
         rotary: Option<&Rotary>,
-        mask: Option<&Tensor>,
+        mask: Option<&CausalMask>,
         rng: &DropoutRng,
     ) -> candle_core::Result<Tensor> {
         let start = rng.position();
@@ -79,7 +80,7 @@ impl ActivationCheckpointing {
 struct CheckpointedBlock {
     block: Block,
     rotary: Option<Rotary>,
-    mask: Option<Tensor>,
+    mask: Option<CausalMask>,
     /// The dropout stream's position when the block first ran, to redraw its masks.
     dropout_start: u64,
     /// The output the forward already computed, handed to candle once.

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use super::adapter::{few_rows_or_linear, LoraBranch, Projection};
-use super::attention::{causal_mask, KvCache};
+use super::attention::{CausalMask, KvCache};
 use super::block::Block;
 use super::config::{ModelConfig, NormPosition, PositionKind};
 use super::dropout::DropoutRng;
@@ -264,7 +264,7 @@ impl Transformer {
         }
         let mask = match t {
             1 => None,
-            _ => Some(causal_mask(t, offset, &self.device)?), // (t, offset + t)
+            _ => Some(CausalMask::new(t, offset, &self.device)), // (t, offset + t), when needed
         };
         for (i, block) in self.blocks.iter().enumerate() {
             xs = match training {
