@@ -334,7 +334,12 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Transformer> {
     };
     let mut tensors = HashMap::new();
     for weights_path in &files {
-        let bytes = std::fs::read(weights_path).map_err(|e| Error::io(weights_path, e))?;
+        // Mapped, not read: the tensors are copied out of the file's pages once,
+        // without a second whole-file copy in between.
+        let file = std::fs::File::open(weights_path).map_err(|e| Error::io(weights_path, e))?;
+        // SAFETY: the map is read while this loop holds it; a file rewritten meanwhile
+        // by another process could change what is read, as with any reader.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(weights_path, e))?;
         let shard = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| Error::Tensor(format!("{}: {e}", weights_path.display())))?;
         tensors.extend(shard);
