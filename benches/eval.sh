@@ -9,8 +9,9 @@
 #   2. a random-init Llama saved by transformers (vocab 32000, hidden 512, intermediate
 #      1376, 8 layers, 8 heads) with a byte-level BPE tokenizer from `nlp bpe train`.
 # Both tools read the same ids (written by Python with the model's tokenizer), so
-# tokenization is outside the timing. transformers is timed over its window loop only
-# (model already loaded); nlp over the whole command, loading included.
+# tokenization is outside the timing. Each is timed over its scoring alone, the model
+# loaded: transformers over its window loop, nlp by the `seconds` its report gives.
+# The last column is nlp's whole command, process start and loading included.
 # Usage: bash benches/eval.sh [TOKENS] [CONTEXT] [STRIDE]   (default 8192 1024 512)
 source "$(dirname "$0")/common.sh"
 
@@ -51,7 +52,7 @@ PY
 fi
 
 fixture="$SHARED/fixtures/hf_tiny_llama"
-printf '%-16s %8s %8s %12s %12s %12s %12s %8s\n' model tokens context nlp_nll hf_nll nlp_tok/s hf_tok/s ratio
+printf '%-16s %8s %8s %12s %12s %12s %12s %8s %14s\n' model tokens context nlp_nll hf_nll nlp_tok/s hf_tok/s ratio nlp_cmd_tok/s
 for model in "$fixture" "$random"; do
   name="$(basename "$model")"
   ids="$dir/$name.ids"
@@ -100,7 +101,7 @@ PY
   started=$(date +%s.%N)
   report=$(RAYON_NUM_THREADS=2 "$NLP" --json eval --perplexity -m "$model" --ids "$ids" --context "$context" --stride "$stride")
   finished=$(date +%s.%N)
-  read -r nlp_tokens nlp_nll < <(echo "$report" | "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin); print(r["tokens"], "%.6f" % r["mean_nll"])')
-  nlp_tps=$(awk -v n="$nlp_tokens" -v a="$started" -v b="$finished" 'BEGIN { printf "%.1f", n / (b - a) }')
-  printf '%-16s %8s %8s %12s %12s %12s %12s %8s\n' "$name" "$nlp_tokens" "$context/$stride" "$nlp_nll" "$hf_nll" "$nlp_tps" "$hf_tps" "$(ratio "$nlp_tps" "$hf_tps")"
+  read -r nlp_tokens nlp_nll nlp_tps < <(echo "$report" | "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin); print(r["tokens"], "%.6f" % r["mean_nll"], "%.1f" % r["tokens_per_s"])')
+  command_tps=$(awk -v n="$nlp_tokens" -v a="$started" -v b="$finished" 'BEGIN { printf "%.1f", n / (b - a) }')
+  printf '%-16s %8s %8s %12s %12s %12s %12s %8s %14s\n' "$name" "$nlp_tokens" "$context/$stride" "$nlp_nll" "$hf_nll" "$nlp_tps" "$hf_tps" "$(ratio "$nlp_tps" "$hf_tps")" "$command_tps"
 done

@@ -185,9 +185,11 @@ pub fn run(ctx: &Context, args: EvalArgs) -> Result<()> {
     let mut report = json!({ "model": path.display().to_string() });
     let mut out = String::new();
     if let Some(input) = input.as_ref().filter(|_| perplexity || token_calibration) {
+        let scoring = Instant::now();
         let scored = score(&loaded, input, &args, token_calibration || args.per_token)?;
+        let seconds = scoring.elapsed().as_secs_f64();
         if perplexity {
-            add_perplexity(&mut report, &mut out, &scored, &loaded, args.per_token);
+            add_perplexity(&mut report, &mut out, &scored, &loaded, args.per_token, seconds);
         }
         if token_calibration {
             let calibration = Calibration::new(
@@ -553,8 +555,14 @@ fn add_perplexity(
     scored: &Scored,
     loaded: &Loaded,
     per_token: bool,
+    seconds: f64,
 ) {
     let ppl = &scored.perplexity;
+    // Scoring alone, the model loaded and the input read: throughput as the strided
+    // recipe's loop is timed.
+    let tokens_per_s = ppl.tokens as f64 / seconds.max(f64::MIN_POSITIVE);
+    report["seconds"] = json!(seconds);
+    report["tokens_per_s"] = json!(tokens_per_s);
     report["tokens"] = json!(ppl.tokens);
     report["words"] = json!(ppl.words);
     report["bytes"] = json!(ppl.bytes);
@@ -589,6 +597,10 @@ fn add_perplexity(
     table.row(&[
         "bits per byte".to_string(),
         format!("{:.6}", ppl.bits_per_byte),
+    ]);
+    table.row(&[
+        "scoring time".to_string(),
+        format!("{seconds:.3} s ({tokens_per_s:.1} tokens/s)"),
     ]);
     if let Some(ngram) = &scored.ngram {
         for (key, value) in ngram.as_object().into_iter().flatten() {

@@ -66,6 +66,10 @@ fn tiny_llama_perplexity_equals_transformers_on_the_fixture_ids() {
     let bytes = report["bytes"].as_f64().unwrap();
     assert_eq!(bytes, 512.0);
     close(bits, 504.0 * reference["text_mean_nll_nats"].as_f64().unwrap() / std::f64::consts::LN_2 / 512.0, 1e-4, "bits_per_byte");
+    // Throughput: the scored tokens over the scoring time.
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!(seconds > 0.0);
+    close(report["tokens_per_s"].as_f64().unwrap() * seconds, 504.0, 1e-9, "tokens_per_s x seconds");
 }
 
 #[test]
