@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
-use super::loaded::{Codec, Loaded};
+use super::loaded::Loaded;
 use super::Context;
 use crate::data;
 use crate::rng::SplitMix64;
@@ -477,8 +477,7 @@ fn ngram_lines(
             tokenizer_path.display()
         );
     }
-    let tokenizer = Codec::load_tokenizer(tokenizer_path)
-        .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
+    let tokenizer = super::ngram::load_tokenizer(tokenizer_path)?;
     match input {
         Input::Text { text, .. } => {
             let mut lines = String::new();

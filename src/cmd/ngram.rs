@@ -134,7 +134,7 @@ fn train(ctx: &Context, args: &NgramTrainArgs) -> Result<()> {
 
 /// A tokenizer.json whose ids become the n-gram model's words: any that a model
 /// directory may hold, so `-t DIR/tokenizer.json` counts in that model's ids.
-fn load_tokenizer(path: &Path) -> Result<AnyTokenizer> {
+pub(super) fn load_tokenizer(path: &Path) -> Result<AnyTokenizer> {
     Codec::load_tokenizer(path).with_context(|| format!("loading the tokenizer {}", path.display()))
 }
 

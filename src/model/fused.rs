@@ -376,6 +376,11 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<T
 
 // ---------------------------------------------------------------- few-row linear
 
+/// Multiply-adds from which a product is shared out over the thread pool: handing
+/// work to the pool and waiting for it costs some microseconds, more than a smaller
+/// product saves.
+const PARALLEL_FROM: usize = 1 << 17;
+
 /// Row counts [`few_rows_linear`] takes: decoding one position, verifying a
 /// speculative draft, stepping beams.
 const FEW_ROWS: std::ops::RangeInclusive<usize> = 1..=16;
@@ -512,10 +517,8 @@ pub(crate) fn few_rows_linear(xs: &Tensor, weight: &Tensor) -> candle_core::Resu
     }
     let n = weight.dim(0)?;
     const COLUMNS_PER_TASK: usize = 64;
-    // Handing work to the thread pool and waiting for it costs some microseconds: a
-    // product smaller than this (a 256 x 512 weight for one row) runs on the calling
-    // thread. Above it, two threads read the weight at twice the bandwidth of one.
-    const PARALLEL_FROM: usize = 1 << 17; // multiply-adds
+    // Below PARALLEL_FROM (a 256 x 512 weight for one row) the product runs on the
+    // calling thread. Above it, two threads read the weight at twice the bandwidth of one.
     let out = with_host([xs, weight], "few-rows-linear", |[x, w]| {
         let mut by_column = vec![0f32; n * rows];
         let task = |(task, out): (usize, &mut [f32])| {
@@ -546,10 +549,9 @@ pub(crate) fn few_rows_linear(xs: &Tensor, weight: &Tensor) -> candle_core::Resu
 /// adds a gradient for each of those nodes: a tenth of a small model's training step.
 struct FusedLinear;
 
-/// Every thread of the pool for products this large, one below: handing a small
-/// product to the pool costs more than it saves.
+/// Every thread of the pool for products of [`PARALLEL_FROM`] multiply-adds and more,
+/// one below.
 fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
-    const PARALLEL_FROM: usize = 1 << 17;
     match rayon::current_num_threads() {
         threads if threads > 1 && multiply_adds >= PARALLEL_FROM => gemm::Parallelism::Rayon(threads),
         _ => gemm::Parallelism::None,
@@ -595,23 +597,32 @@ impl CustomOp2 for FusedLinear {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (out_features, k) = w.dims2()?;
+        // Only the gradients someone asks for: a frozen weight (the output layer
+        // under LoRA) gets none, and its product would be as large as the forward's.
+        let (want_dx, want_dw) = (x.track_op(), w.track_op());
         let (dx, dw) = with_host([x, w, grad], self.name(), |[x, w, g]| {
             let rows = x.len() / k;
             let threads = parallelism(rows * k * out_features);
             let g_rows = Strided { data: g, rows, cols: out_features, rs: out_features, cs: 1 };
             let x_rows = Strided { data: x, rows, cols: k, rs: k, cs: 1 };
-            let mut dx = vec![0f32; rows * k];
-            // dx (rows, in) = dy (rows, out) W (out, in)
-            let w_rows = Strided { data: w, rows: out_features, cols: k, rs: k, cs: 1 };
-            matmul_on(threads, &mut dx, k, false, g_rows, w_rows, 1.0);
-            let mut dw = vec![0f32; out_features * k];
-            // dW (out, in) = dy^T (out, rows) x (rows, in)
-            matmul_on(threads, &mut dw, k, false, g_rows.t(), x_rows, 1.0);
+            let dx = want_dx.then(|| {
+                let mut dx = vec![0f32; rows * k];
+                // dx (rows, in) = dy (rows, out) W (out, in)
+                let w_rows = Strided { data: w, rows: out_features, cols: k, rs: k, cs: 1 };
+                matmul_on(threads, &mut dx, k, false, g_rows, w_rows, 1.0);
+                dx
+            });
+            let dw = want_dw.then(|| {
+                let mut dw = vec![0f32; out_features * k];
+                // dW (out, in) = dy^T (out, rows) x (rows, in)
+                matmul_on(threads, &mut dw, k, false, g_rows.t(), x_rows, 1.0);
+                dw
+            });
             Ok((dx, dw))
         })?;
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device())).transpose()?,
+            dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device())).transpose()?,
         ))
     }
 }
@@ -1314,8 +1325,8 @@ mod tests {
 
     #[test]
     fn linear_matches_the_graph() {
-        // Three leading dimensions' worth of rows; the larger shape takes the parallel
-        // products. The reference is the product written out by hand.
+        // Rows over two leading dimensions; the larger shape takes the parallel
+        // products. The reference is candle's own product of x and W^T.
         for (dims, out, seed) in [([2, 5, 24], 13, 20), ([3, 40, 96], 70, 21)] {
             let inputs = [randn(&dims, seed), randn(&[out, dims[2]], seed + 10)];
             check(
