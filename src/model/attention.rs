@@ -254,14 +254,24 @@ impl Attention {
                     self.k_proj.forward(xs, rng)?, // (b, t, g * d)
                     self.v_proj.forward(xs, rng)?, // (b, t, g * d)
                 );
-                if let Some(out) = fused::causal_attention(&q, &k, &v, (h, g, d), rope, dropout)? {
+                if let Some(out) = fused::causal_attention(&q, &k, &v, (h, g, d), rope.clone(), dropout)? {
                     if let Some(slot) = kv {
-                        let heads = |xs: Tensor| xs.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous();
-                        let mut k = heads(k)?; // (b, g, t, d)
-                        if let Some(rotary) = rotary {
-                            k = rotary.apply(&k, 0)?;
-                        }
-                        *slot = Some(LayerKv { k, v: heads(v)? });
+                        // (b, g, t, d), keys rotated, in one pass each where it applies.
+                        let k = match fused::heads(&k, g, d, rope)? {
+                            Some(k) => k,
+                            None => {
+                                let k = k.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?;
+                                match rotary {
+                                    Some(rotary) => rotary.apply(&k, 0)?,
+                                    None => k,
+                                }
+                            }
+                        };
+                        let v = match fused::heads(&v, g, d, None)? {
+                            Some(v) => v,
+                            None => v.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?,
+                        };
+                        *slot = Some(LayerKv { k, v });
                     }
                     return self.o_proj.forward(&out, rng); // (b, t, c)
                 }

@@ -312,8 +312,13 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (gate, up) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let up = &up[..gate.len()];
         let mut out = vec![0f32; gate.len()];
-        swiglu_fwd(gate, up, &mut out);
+        // Chunks of whole cache lines, shared over the pool.
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .for_each(|(out, (gate, up))| swiglu_fwd(gate, up, out));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -573,13 +578,9 @@ impl CustomOp2 for FusedLinear {
         let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let (out_features, k) = l2.shape().dims2()?;
         let rows = x.len() / k;
-        let mut y = vec![0f32; rows * out_features];
         // y (rows, out) = x (rows, in) W^T (in, out)
-        matmul_on(
+        let y = product(
             parallelism(rows * k * out_features),
-            &mut y,
-            out_features,
-            false,
             Strided { data: x, rows, cols: k, rs: k, cs: 1 },
             Strided { data: w, rows: k, cols: out_features, rs: 1, cs: k },
             1.0,
@@ -605,19 +606,11 @@ impl CustomOp2 for FusedLinear {
             let threads = parallelism(rows * k * out_features);
             let g_rows = Strided { data: g, rows, cols: out_features, rs: out_features, cs: 1 };
             let x_rows = Strided { data: x, rows, cols: k, rs: k, cs: 1 };
-            let dx = want_dx.then(|| {
-                let mut dx = vec![0f32; rows * k];
-                // dx (rows, in) = dy (rows, out) W (out, in)
-                let w_rows = Strided { data: w, rows: out_features, cols: k, rs: k, cs: 1 };
-                matmul_on(threads, &mut dx, k, false, g_rows, w_rows, 1.0);
-                dx
-            });
-            let dw = want_dw.then(|| {
-                let mut dw = vec![0f32; out_features * k];
-                // dW (out, in) = dy^T (out, rows) x (rows, in)
-                matmul_on(threads, &mut dw, k, false, g_rows.t(), x_rows, 1.0);
-                dw
-            });
+            // dx (rows, in) = dy (rows, out) W (out, in)
+            let w_rows = Strided { data: w, rows: out_features, cols: k, rs: k, cs: 1 };
+            let dx = want_dx.then(|| product(threads, g_rows, w_rows, 1.0));
+            // dW (out, in) = dy^T (out, rows) x (rows, in)
+            let dw = want_dw.then(|| product(threads, g_rows.t(), x_rows, 1.0));
             Ok((dx, dw))
         })?;
         Ok((
@@ -845,21 +838,7 @@ impl CausalAttention {
     /// Copies head `head` of `src` (t, heads * d) into `dst` (t, d), rotated when RoPE is on.
     #[inline(always)]
     fn gather(&self, src: &[f32], heads: usize, head: usize, dst: &mut [f32]) {
-        let d = self.head_dim;
-        let half = d / 2;
-        for (i, row) in dst.chunks_exact_mut(d).enumerate() {
-            let x = &src[(i * heads + head) * d..][..d];
-            match &self.rope {
-                None => row.copy_from_slice(x),
-                Some(rope) => {
-                    let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
-                    for j in 0..half {
-                        row[j] = x[j] * cos[j] - x[j + half] * sin[j];
-                        row[j + half] = x[j + half] * cos[j] + x[j] * sin[j];
-                    }
-                }
-            }
-        }
+        gather_head(src, heads, head, self.head_dim, self.rope.as_ref(), dst)
     }
 
     /// Adds `src` (t, d), a gradient with respect to rotated rows, into head `head` of
@@ -882,6 +861,83 @@ impl CausalAttention {
             }
         }
     }
+}
+
+/// Copies head `head` of `src` (t, heads * d) into `dst` (t, d), rotating row `i` to
+/// position `i` when `rope` is given: `(x1 cos - x2 sin, x2 cos + x1 sin)` for the
+/// halves `x1`, `x2` of the row (the rotate-half form of Llama).
+#[inline(always)]
+fn gather_head(src: &[f32], heads: usize, head: usize, d: usize, rope: Option<&RopeTables>, dst: &mut [f32]) {
+    let half = d / 2;
+    for (i, row) in dst.chunks_exact_mut(d).enumerate() {
+        let x = &src[(i * heads + head) * d..][..d];
+        match rope {
+            None => row.copy_from_slice(x),
+            Some(rope) => {
+                let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
+                let ((x1, x2), (y1, y2)) = (x.split_at(half), row.split_at_mut(half));
+                let rows = y1.iter_mut().zip(y2).zip(x1.iter().zip(x2));
+                for (((y1, y2), (&a, &b)), (&c, &s)) in rows.zip(cos.iter().zip(sin)) {
+                    *y1 = a * c - b * s;
+                    *y2 = b * c + a * s;
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// [`gather_head`], compiled for the CPU's vector width.
+    fn gather_head_simd(src: &[f32], heads: usize, head: usize, d: usize, rope: Option<&RopeTables>, dst: &mut [f32]) {
+        gather_head(src, heads, head, d, rope, dst)
+    }
+}
+
+/// Splits (b, t, heads * d) into heads, (b, heads, t, d), rotated to positions `0..t`
+/// when RoPE tables are given: the layout the key/value cache keeps. Forward only.
+struct Heads {
+    heads: usize,
+    head_dim: usize,
+    rope: Option<RopeTables>,
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let src = slice(storage, layout, self.name())?;
+        let (b, t, width) = layout.shape().dims3()?;
+        if width != self.heads * self.head_dim {
+            bail!("heads: rows of {width} are not {} heads of {}", self.heads, self.head_dim);
+        }
+        let (h, d) = (self.heads, self.head_dim);
+        let mut out = vec![0f32; src.len()];
+        if !out.is_empty() {
+            // One task per (batch row, head): its (t, d) block of the output.
+            out.par_chunks_mut(t * d).enumerate().for_each(|(task, dst)| {
+                let row = &src[task / h * t * h * d..][..t * h * d];
+                gather_head_simd(row, h, task % h, d, self.rope.as_ref(), dst);
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
+    }
+}
+
+/// `xs` (b, t, heads * d) as (b, heads, t, d), each row `i` rotated to position `i` by
+/// `rope` when given; `None` where the kernel does not apply (another dtype or device,
+/// or a tensor that needs a gradient).
+pub(crate) fn heads(
+    xs: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    rope: Option<RopeTables>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !applies(xs) || xs.track_op() {
+        return Ok(None);
+    }
+    Ok(Some(xs.contiguous()?.apply_op1_no_bwd(&Heads { heads, head_dim, rope })?))
 }
 
 impl CustomOp3 for CausalAttention {
@@ -922,13 +978,14 @@ impl CustomOp3 for CausalAttention {
                 out
             })
             .collect();
+        // Interleaved back into (b, t, h * d), a block of positions per task.
         let mut out = vec![0f32; q.len()];
-        for (task, rows) in heads.iter().enumerate() {
-            let (bi, head) = (task / h, task % h);
-            for (i, row) in rows.chunks_exact(d).enumerate() {
-                out[bi * per_q + (i * h + head) * d..][..d].copy_from_slice(row);
+        out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
+            let (bi, i) = (row / t, row % t);
+            for (head, dst) in dst.chunks_exact_mut(d).enumerate() {
+                dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
             }
-        }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1046,21 +1103,59 @@ fn matmul_on(
     rhs: Strided,
     scale: f32,
 ) {
+    let out = Strided { data: dst, rows: lhs.rows, cols: rhs.cols, rs: dst_rs, cs: 1 };
+    assert!(out.fits(), "matmul: the destination overruns its slice");
+    // SAFETY: `dst` holds every entry the product writes (checked just above) and is
+    // borrowed mutably, so it aliases neither input.
+    unsafe { gemm_into(parallelism, dst.as_mut_ptr(), dst_rs, accumulate, lhs, rhs, scale) }
+}
+
+/// `scale * lhs rhs` as a new row-major matrix (`lhs.rows`, `rhs.cols`). The product
+/// writes every entry, so the buffer is not zeroed first: zeroing a fresh buffer costs
+/// a pass over memory as long as a thin product's.
+fn product(parallelism: gemm::Parallelism, lhs: Strided, rhs: Strided, scale: f32) -> Vec<f32> {
+    let len = lhs.rows * rhs.cols;
+    let mut dst = Vec::with_capacity(len);
+    // SAFETY: the buffer has room for the (rows, cols) product with rows `cols` apart;
+    // told not to read its destination (`accumulate` false), gemm writes every entry of
+    // it and reads none (with an inner dimension of 0 it writes zeros), so all `len`
+    // entries are initialised when the length is set.
+    unsafe {
+        gemm_into(parallelism, dst.as_mut_ptr(), rhs.cols, false, lhs, rhs, scale);
+        dst.set_len(len);
+    }
+    dst
+}
+
+/// `dst = scale * lhs rhs`, or `dst += scale * lhs rhs` when `accumulate`, through the
+/// `gemm` crate.
+///
+/// # Safety
+/// `dst` must be valid for writes (and for reads when `accumulate`) at every entry
+/// `r * dst_rs + c` of the (`lhs.rows`, `rhs.cols`) product, and overlap neither input.
+unsafe fn gemm_into(
+    parallelism: gemm::Parallelism,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "matmul: inner dimensions differ");
-    let out = Strided { data: dst, rows: m, cols: n, rs: dst_rs, cs: 1 };
-    assert!(lhs.fits() && rhs.fits() && out.fits(), "matmul: a view overruns its slice");
+    assert!(lhs.fits() && rhs.fits(), "matmul: an operand overruns its slice");
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: every index the product touches is inside its slice (checked just above),
-    // and `dst` is borrowed mutably, so it aliases neither input.
+    // SAFETY: the operands' entries are inside their slices (checked just above), the
+    // destination's are the caller's promise.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,
@@ -1477,6 +1572,23 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn heads_match_a_transpose_then_candles_rope() {
+        // The cache's layout: (b, t, heads * d) -> (b, heads, t, d), rotated by
+        // candle-nn's own rotary kernel as the reference.
+        let (b, t, h, d) = (2, 70, 3, 8);
+        let xs = randn(&[b, t, h * d], 30).as_tensor().detach();
+        let split = xs.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let (host, (cos, sin)) = tables(t, d);
+        let rotated = candle_nn::rotary_emb::rope(&split, &cos, &sin).unwrap();
+        let fused = heads(&xs, h, d, Some(host)).unwrap().unwrap();
+        assert!(max_diff(&fused, &rotated) < 1e-6, "rotated heads differ by {}", max_diff(&fused, &rotated));
+        let plain = heads(&xs, h, d, None).unwrap().unwrap();
+        assert_eq!(max_diff(&plain, &split), 0.0);
+        // A tensor that needs its gradient is left to the graph.
+        assert!(heads(&randn(&[1, 2, 8], 31), 1, 8, None).unwrap().is_none());
     }
 
     #[test]
