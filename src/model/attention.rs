@@ -329,6 +329,51 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Appends the keys and values of `xs` (positions `offset..offset + t`) to `kv`
+    /// without attending from them: the positions of the last block whose outputs
+    /// nobody reads, which still have to be there for the queries after them.
+    pub(crate) fn fill_cache(
+        &self,
+        xs: &Tensor,
+        rotary: Option<&Rotary>,
+        offset: usize,
+        kv: &mut Option<LayerKv>,
+    ) -> candle_core::Result<()> {
+        let (b, t, _c) = xs.dims3()?; // (b, t, c)
+        let (g, d) = (self.kv_heads, self.head_dim);
+        let (k, v) = (self.k_proj.forward(xs, None)?, self.v_proj.forward(xs, None)?); // (b, t, g * d)
+        // The one-pass split rotates to positions from 0 only.
+        let split = match rotary.map(|rotary| (offset, rotary.host_tables())) {
+            None => fused::heads(&k, g, d, None)?,
+            Some((0, Some(tables))) => fused::heads(&k, g, d, Some(tables))?,
+            Some(_) => None,
+        };
+        let k = match split {
+            Some(k) => k,
+            None => {
+                let k = k.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
+                match rotary {
+                    Some(rotary) => rotary.apply(&k, offset)?,
+                    None => k,
+                }
+            }
+        };
+        let v = match fused::heads(&v, g, d, None)? {
+            Some(v) => v,
+            None => v.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?,
+        }; // (b, g, t, d)
+        *kv = Some(match kv.take() {
+            Some(past) => LayerKv {
+                k: Tensor::cat(&[&past.k, &k], 2)?,
+                v: Tensor::cat(&[&past.v, &v], 2)?,
+            },
+            None => LayerKv { k, v },
+        });
+        Ok(())
+    }
+}
+
 /// Repeats each key/value head `groups` times, so head `h` of the result is head
 /// `h / groups` of the input (transformers' `repeat_kv`).
 fn repeat_kv(xs: Tensor, groups: usize) -> candle_core::Result<Tensor> {

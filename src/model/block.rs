@@ -61,6 +61,56 @@ impl Block {
             .collect()
     }
 
+    /// The outputs of the last `keep` of positions `offset..offset + t` only, appending
+    /// the keys and values of all `t` to `kv`: in the last block, the rows before those
+    /// whose logits are wanted feed nothing but the cache, so their queries, attention
+    /// and feed-forward are skipped (exact: every position's output depends on its own
+    /// row and the keys and values before it). Inference only.
+    pub(crate) fn forward_tail(
+        &self,
+        xs: &Tensor,
+        rotary: Option<&Rotary>,
+        offset: usize,
+        kv: &mut Option<LayerKv>,
+        keep: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (_b, t, _c) = xs.dims3()?; // (b, t, c)
+        let skipped = t - keep;
+        let mask = (keep > 1).then(|| CausalMask::new(keep, offset + skipped, xs.device()));
+        let tail = xs.narrow(1, skipped, keep)?; // (b, keep, c)
+        match self.norm_position {
+            NormPosition::Pre => {
+                let normed = self.input_layernorm.forward(xs)?; // (b, t, c)
+                self.self_attn
+                    .fill_cache(&normed.narrow(1, 0, skipped)?, rotary, offset, kv)?;
+                let normed_tail = normed.narrow(1, skipped, keep)?;
+                let attn = self.self_attn.forward(
+                    &normed_tail,
+                    rotary,
+                    offset + skipped,
+                    mask.as_ref(),
+                    Some(kv),
+                    None,
+                )?;
+                let xs = (tail + attn)?; // (b, keep, c)
+                let ff = self
+                    .mlp
+                    .forward(&self.post_attention_layernorm.forward(&xs)?, None)?;
+                &xs + ff // (b, keep, c)
+            }
+            NormPosition::Post => {
+                self.self_attn
+                    .fill_cache(&xs.narrow(1, 0, skipped)?, rotary, offset, kv)?;
+                let attn =
+                    self.self_attn
+                        .forward(&tail, rotary, offset + skipped, mask.as_ref(), Some(kv), None)?;
+                let xs = self.input_layernorm.forward(&(tail + attn)?)?;
+                let ff = self.mlp.forward(&xs, None)?;
+                self.post_attention_layernorm.forward(&(&xs + ff)?) // (b, keep, c)
+            }
+        }
+    }
+
     /// Runs the block on positions `offset..offset + t` (see `Attention::forward`).
     pub(crate) fn forward(
         &self,

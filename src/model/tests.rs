@@ -615,6 +615,44 @@ fn every_variant_decodes_with_the_cache_as_the_full_forward() {
 }
 
 #[test]
+fn every_variant_computes_only_the_kept_rows_as_the_full_forward() {
+    // The last block runs only the kept rows (the rest just fill the cache): logits
+    // equal the full forward's, and so do the steps decoded from that cache, also
+    // when the tail starts after cached positions.
+    for (name, cfg) in variants() {
+        let (_varmap, model) = fresh(&cfg);
+        let (b, t) = (2, 15);
+        let input =
+            Tensor::from_vec(random_ids(b, t, cfg.vocab_size, 4), (b, t), &Device::Cpu).unwrap();
+        let full = model.forward(&input).unwrap();
+        for keep in [1, 3, t] {
+            let tail = model.forward_tail(&input, keep).unwrap();
+            let diff = max_abs_diff(&tail, &full.narrow(1, t - keep, keep).unwrap());
+            assert!(diff < 1e-5, "{name}: last {keep} rows differ by {diff}");
+        }
+        for (cached, prefill) in [(0, 10), (4, 6)] {
+            let mut cache = KvCache::new();
+            if cached > 0 {
+                model.forward_step(&input.narrow(1, 0, cached).unwrap(), &mut cache).unwrap();
+            }
+            let last = model
+                .forward_step_tail(&input.narrow(1, cached, prefill).unwrap(), &mut cache, 2)
+                .unwrap();
+            let end = cached + prefill;
+            let mut worst = max_abs_diff(&last, &full.narrow(1, end - 2, 2).unwrap());
+            assert_eq!(cache.len(), end, "{name}");
+            for start in end..t {
+                let step = model
+                    .forward_step(&input.narrow(1, start, 1).unwrap(), &mut cache)
+                    .unwrap();
+                worst = worst.max(max_abs_diff(&step, &full.narrow(1, start, 1).unwrap()));
+            }
+            assert!(worst < 1e-5, "{name}: steps after a {prefill}-token tail prefill differ by {worst}");
+        }
+    }
+}
+
+#[test]
 fn every_variant_saves_and_reloads() {
     for (name, cfg) in variants() {
         let (_varmap, model) = fresh(&cfg);

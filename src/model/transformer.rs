@@ -266,7 +266,27 @@ impl Transformer {
             1 => None,
             _ => Some(CausalMask::new(t, offset, &self.device)), // (t, offset + t), when needed
         };
+        if let Some(keep) = keep {
+            if keep == 0 || keep > t {
+                return Err(Error::Invalid(format!(
+                    "cannot keep the last {keep} of {t} positions"
+                )));
+            }
+        }
+        // Only the last `keep` rows of the last block are read: it computes just those
+        // (the rest only feed the cache).
+        let tail = keep.filter(|&keep| keep < t && training.is_none());
+        let last = self.blocks.len().saturating_sub(1);
         for (i, block) in self.blocks.iter().enumerate() {
+            if let (Some(keep), true) = (tail, i == last) {
+                let mut scratch = None;
+                let kv = match kv_cache.as_deref_mut() {
+                    Some(cache) => cache.layer_mut(i),
+                    None => &mut scratch,
+                };
+                xs = block.forward_tail(&xs, self.rotary.as_ref(), offset, kv, keep)?;
+                break;
+            }
             xs = match training {
                 Some((rng, Some(checkpointing))) => {
                     checkpointing.block(block, &xs, self.rotary.as_ref(), mask.as_ref(), rng)?
@@ -281,12 +301,8 @@ impl Transformer {
             cache.advance(t);
         }
         if let Some(keep) = keep {
-            if keep == 0 || keep > t {
-                return Err(Error::Invalid(format!(
-                    "cannot keep the last {keep} of {t} positions"
-                )));
-            }
-            xs = xs.narrow(1, t - keep, keep)?; // (b, keep, c)
+            let rows = xs.dim(1)?;
+            xs = xs.narrow(1, rows - keep, keep)?; // (b, keep, c)
         }
         if let Some(norm) = &self.norm {
             xs = norm.forward(&xs)?;
