@@ -660,7 +660,7 @@ fn add_calibration(report: &mut Value, out: &mut String, calibration: &Calibrati
 }
 
 fn add_efficiency(report: &mut Value, out: &mut String, e: &eval::Efficiency) {
-    let stat = |s: &eval::Stat| json!({ "mean": s.mean, "std": s.std });
+    let stat = |s: &eval::Stat| json!({ "mean": s.mean, "std": s.std, "min": s.min, "max": s.max });
     let [p50, p90, p99] = e.latency_percentiles;
     report["efficiency"] = json!({
         "load_seconds": e.load_seconds,

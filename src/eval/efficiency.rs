@@ -24,23 +24,30 @@ pub struct EfficiencySettings {
     pub repeats: usize,
 }
 
-/// Mean and sample standard deviation of repeated measurements.
+/// Mean, sample standard deviation and range of repeated measurements. The least
+/// time is the figure benchmarks usually compare: noise only ever adds to a run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stat {
     /// Arithmetic mean.
     pub mean: f64,
     /// Sample standard deviation (n - 1 in the denominator; 0 for one sample).
     pub std: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
 }
 
 impl Stat {
-    /// Mean and standard deviation of `values`.
+    /// Mean, standard deviation and range of `values` (all NaN when there are none).
     pub fn of(values: &[f64]) -> Stat {
         let n = values.len() as f64;
         if values.is_empty() {
             return Stat {
                 mean: f64::NAN,
                 std: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
             };
         }
         let mean = values.iter().sum::<f64>() / n;
@@ -48,7 +55,9 @@ impl Stat {
             1 => 0.0,
             _ => (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt(),
         };
-        Stat { mean, std }
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Stat { mean, std, min, max }
     }
 }
 
@@ -216,6 +225,7 @@ mod tests {
         let stat = Stat::of(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
         assert_eq!(stat.mean, 5.0);
         assert!((stat.std - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
+        assert_eq!((stat.min, stat.max), (2.0, 9.0));
         assert_eq!(Stat::of(&[1.5]).std, 0.0);
     }
 

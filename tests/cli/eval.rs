@@ -322,6 +322,8 @@ fn efficiency_reports_memory_latency_and_throughput() {
     assert!(p("latency_p50_seconds") <= p("latency_p90_seconds") && p("latency_p90_seconds") <= p("latency_p99_seconds"));
     assert!(e["prompt_tokens_per_second"]["mean"].as_f64().unwrap() > 0.0);
     assert!(e["gen_tokens_per_second"]["std"].as_f64().unwrap() >= 0.0);
+    let first = |k: &str| e["time_to_first_token_seconds"][k].as_f64().unwrap();
+    assert!(first("min") <= first("mean") && first("mean") <= first("max"), "{}", e["time_to_first_token_seconds"]);
     assert!(e["time_to_last_token_seconds"]["mean"].as_f64().unwrap() >= e["time_to_first_token_seconds"]["mean"].as_f64().unwrap());
 }
 
