@@ -256,22 +256,7 @@ impl Attention {
                 );
                 if let Some(out) = fused::causal_attention(&q, &k, &v, (h, g, d), rope.clone(), dropout)? {
                     if let Some(slot) = kv {
-                        // (b, g, t, d), keys rotated, in one pass each where it applies.
-                        let k = match fused::heads(&k, g, d, rope)? {
-                            Some(k) => k,
-                            None => {
-                                let k = k.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?;
-                                match rotary {
-                                    Some(rotary) => rotary.apply(&k, 0)?,
-                                    None => k,
-                                }
-                            }
-                        };
-                        let v = match fused::heads(&v, g, d, None)? {
-                            Some(v) => v,
-                            None => v.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?,
-                        };
-                        *slot = Some(LayerKv { k, v });
+                        *slot = Some(self.cache_layout(&k, &v, rotary, 0)?);
                     }
                     return self.o_proj.forward(&out, rng); // (b, t, c)
                 }
@@ -327,9 +312,7 @@ impl Attention {
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?; // (b, t, h * d)
         self.o_proj.forward(&out, rng) // (b, t, c)
     }
-}
 
-impl Attention {
     /// Appends the keys and values of `xs` (positions `offset..offset + t`) to `kv`
     /// without attending from them: the positions of the last block whose outputs
     /// nobody reads, which still have to be there for the queries after them.
@@ -340,37 +323,50 @@ impl Attention {
         offset: usize,
         kv: &mut Option<LayerKv>,
     ) -> candle_core::Result<()> {
-        let (b, t, _c) = xs.dims3()?; // (b, t, c)
-        let (g, d) = (self.kv_heads, self.head_dim);
         let (k, v) = (self.k_proj.forward(xs, None)?, self.v_proj.forward(xs, None)?); // (b, t, g * d)
-        // The one-pass split rotates to positions from 0 only.
+        let new = self.cache_layout(&k, &v, rotary, offset)?;
+        *kv = Some(match kv.take() {
+            Some(past) => LayerKv {
+                k: Tensor::cat(&[&past.k, &new.k], 2)?,
+                v: Tensor::cat(&[&past.v, &new.v], 2)?,
+            },
+            None => new,
+        });
+        Ok(())
+    }
+
+    /// Projected keys and values `k`, `v` (b, t, g * d) of positions `offset..` as the
+    /// cache holds them, (b, g, t, d) with the keys rotated: one pass each where the
+    /// fused split applies (it rotates to positions from 0 only).
+    fn cache_layout(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        rotary: Option<&Rotary>,
+        offset: usize,
+    ) -> candle_core::Result<LayerKv> {
+        let (b, t, _) = k.dims3()?;
+        let (g, d) = (self.kv_heads, self.head_dim);
         let split = match rotary.map(|rotary| (offset, rotary.host_tables())) {
-            None => fused::heads(&k, g, d, None)?,
-            Some((0, Some(tables))) => fused::heads(&k, g, d, Some(tables))?,
+            None => fused::heads(k, g, d, None)?,
+            Some((0, Some(tables))) => fused::heads(k, g, d, Some(tables))?,
             Some(_) => None,
         };
         let k = match split {
             Some(k) => k,
             None => {
-                let k = k.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
+                let k = k.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?;
                 match rotary {
                     Some(rotary) => rotary.apply(&k, offset)?,
                     None => k,
                 }
             }
         };
-        let v = match fused::heads(&v, g, d, None)? {
+        let v = match fused::heads(v, g, d, None)? {
             Some(v) => v,
             None => v.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?,
-        }; // (b, g, t, d)
-        *kv = Some(match kv.take() {
-            Some(past) => LayerKv {
-                k: Tensor::cat(&[&past.k, &k], 2)?,
-                v: Tensor::cat(&[&past.v, &v], 2)?,
-            },
-            None => LayerKv { k, v },
-        });
-        Ok(())
+        };
+        Ok(LayerKv { k, v })
     }
 }
 
