@@ -163,6 +163,26 @@ fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+simd_kernel! {
+    /// Turns `row` into its log-softmax in place: `x - max - ln(sum(e^(x - max)))`.
+    fn log_softmax_in_place(row: &mut [f32]) {
+        let max = max_of(row);
+        let log_sum = max + sum_exp_shifted(row, max).ln();
+        row.iter_mut().for_each(|x| *x -= log_sum);
+    }
+}
+
+/// The log-softmax of each row of `logits` (n, vocab), as host rows: what a decoding
+/// step reads. Computed here rather than by candle's composite op, whose elementwise
+/// passes over a few rows of a large vocabulary are each handed to a thread pool.
+pub(crate) fn log_softmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    let mut rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    for row in &mut rows {
+        log_softmax_in_place(row);
+    }
+    Ok(rows)
+}
+
 /// Turns `xs` into its softmax in place and returns its log-sum-exp; each
 /// exponential is computed once, in eight lanes.
 #[inline(always)]
@@ -1385,6 +1405,19 @@ mod tests {
             let (da, db) = (ga.get(x).unwrap(), gb.get(x).unwrap());
             let diff = max_diff(da, db);
             assert!(diff < tol, "gradient of input {i} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn log_softmax_rows_match_candle_and_normalise() {
+        let logits = (randn(&[3, 1000], 40).as_tensor() * 8.0).unwrap();
+        let ours = log_softmax_rows(&logits).unwrap();
+        let reference = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().to_vec2::<f32>().unwrap();
+        for (row, expected) in ours.iter().zip(&reference) {
+            let worst = row.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "log-probabilities differ by {worst}");
+            let total: f64 = row.iter().map(|&lp| f64::from(lp).exp()).sum();
+            assert!((total - 1.0).abs() < 1e-5, "probabilities sum to {total}");
         }
     }
 

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
 use super::attention::KvCache;
 use super::config::PositionKind;
@@ -208,8 +208,7 @@ pub fn slid_window(context: usize) -> usize {
 
 /// Log-softmax of each row of `logits` (n, vocab), in f32 on the host.
 fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let logprobs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    Ok(logprobs.to_vec2::<f32>()?)
+    Ok(super::fused::log_softmax_rows(logits)?)
 }
 
 impl LanguageModel for Transformer {
