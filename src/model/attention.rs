@@ -254,7 +254,7 @@ impl Attention {
                     self.k_proj.forward(xs, rng)?, // (b, t, g * d)
                     self.v_proj.forward(xs, rng)?, // (b, t, g * d)
                 );
-                if let Some(out) = fused::causal_attention(&q, &k, &v, (h, g, d), rope.clone(), dropout)? {
+                if let Some(out) = fused::causal_attention(&q, &k, &v, (h, g, d), rope, dropout)? {
                     if let Some(slot) = kv {
                         *slot = Some(self.cache_layout(&k, &v, rotary, 0)?);
                     }

@@ -76,39 +76,18 @@ impl Block {
     ) -> candle_core::Result<Tensor> {
         let (_b, t, _c) = xs.dims3()?; // (b, t, c)
         let skipped = t - keep;
+        // The skipped rows' attention input (the norms work row by row) gives their keys
+        // and values; the kept rows then run the whole block after them.
+        let skipped_rows = xs.narrow(1, 0, skipped)?; // (b, skipped, c)
+        let attention_input = match self.norm_position {
+            NormPosition::Pre => self.input_layernorm.forward(&skipped_rows)?,
+            NormPosition::Post => skipped_rows,
+        };
+        self.self_attn
+            .fill_cache(&attention_input, rotary, offset, kv)?;
         let mask = (keep > 1).then(|| CausalMask::new(keep, offset + skipped, xs.device()));
-        let tail = xs.narrow(1, skipped, keep)?; // (b, keep, c)
-        match self.norm_position {
-            NormPosition::Pre => {
-                let normed = self.input_layernorm.forward(xs)?; // (b, t, c)
-                self.self_attn
-                    .fill_cache(&normed.narrow(1, 0, skipped)?, rotary, offset, kv)?;
-                let normed_tail = normed.narrow(1, skipped, keep)?;
-                let attn = self.self_attn.forward(
-                    &normed_tail,
-                    rotary,
-                    offset + skipped,
-                    mask.as_ref(),
-                    Some(kv),
-                    None,
-                )?;
-                let xs = (tail + attn)?; // (b, keep, c)
-                let ff = self
-                    .mlp
-                    .forward(&self.post_attention_layernorm.forward(&xs)?, None)?;
-                &xs + ff // (b, keep, c)
-            }
-            NormPosition::Post => {
-                self.self_attn
-                    .fill_cache(&xs.narrow(1, 0, skipped)?, rotary, offset, kv)?;
-                let attn =
-                    self.self_attn
-                        .forward(&tail, rotary, offset + skipped, mask.as_ref(), Some(kv), None)?;
-                let xs = self.input_layernorm.forward(&(tail + attn)?)?;
-                let ff = self.mlp.forward(&xs, None)?;
-                self.post_attention_layernorm.forward(&(&xs + ff)?) // (b, keep, c)
-            }
-        }
+        let kept = xs.narrow(1, skipped, keep)?; // (b, keep, c)
+        self.forward(&kept, rotary, offset + skipped, mask.as_ref(), Some(kv), None)
     }
 
     /// Runs the block on positions `offset..offset + t` (see `Attention::forward`).

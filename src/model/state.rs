@@ -19,6 +19,7 @@ use candle_core::Tensor;
 
 use super::attention::KvCache;
 use super::config::PositionKind;
+use super::fused::log_softmax_rows;
 use super::transformer::Transformer;
 use crate::lm::LanguageModel;
 use crate::{Error, Result};
@@ -204,11 +205,6 @@ impl Transformer {
 /// most recent three quarters.
 pub fn slid_window(context: usize) -> usize {
     context - context / 4
-}
-
-/// Log-softmax of each row of `logits` (n, vocab), in f32 on the host.
-fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(super::fused::log_softmax_rows(logits)?)
 }
 
 impl LanguageModel for Transformer {
