@@ -318,6 +318,7 @@ pub fn run(
             device: &device,
             seed: setup.seed,
             dropout_stream: DROPOUT_STREAM,
+            backprop: None,
         };
         let step_model = || Ok(Cow::Borrowed(&model));
         let (train_loss, grads) = match micro_batches(step_model, &ctx, state.step, &mut batch_rng)? {

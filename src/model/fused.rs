@@ -33,7 +33,7 @@ fn applies(xs: &Tensor) -> bool {
 }
 
 /// The f32 elements of a contiguous CPU tensor.
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(super) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{op}: expects f32 tensors");
     };
@@ -234,16 +234,8 @@ impl CustomOp2 for RmsNorm {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (xs, weight) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
-        let c = weight.len();
         let mut out = vec![0f32; xs.len()];
-        out.par_chunks_mut(c)
-            .zip(xs.par_chunks(c))
-            .for_each(|(y, x)| {
-                let r = 1.0 / (dot(x, x) / c as f32 + self.eps).sqrt();
-                for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
-                    *y = x * r * w;
-                }
-            });
+        rms_norm_rows(xs, weight, self.eps, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -255,38 +247,8 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = with_host([xs, weight, grad], self.name(), |[x, w, g]| {
-            let c = w.len();
             let mut dx = vec![0f32; x.len()];
-            // d/dx_k of x_k r w_k with r = (mean(x^2) + eps)^(-1/2):
-            // dx = r (g w) - x r^3 mean(g w x);  dw = sum over rows of g x r.
-            // dw sums over rows in fixed groups, added up in order: the result does
-            // not depend on how rayon happens to split the work (training must be
-            // deterministic).
-            let group = 64 * c;
-            let partial: Vec<Vec<f32>> = dx
-                .par_chunks_mut(group)
-                .zip(x.par_chunks(group).zip(g.par_chunks(group)))
-                .map(|(dx, (x, g))| {
-                    let mut dw = vec![0f32; c];
-                    for (dx, (x, g)) in dx.chunks_mut(c).zip(x.chunks(c).zip(g.chunks(c))) {
-                        let r = 1.0 / (dot(x, x) / c as f32 + self.eps).sqrt();
-                        let mut gwx = 0f32;
-                        for k in 0..c {
-                            gwx += g[k] * w[k] * x[k];
-                            dw[k] += g[k] * x[k] * r;
-                        }
-                        let coeff = r * r * r * gwx / c as f32;
-                        for k in 0..c {
-                            dx[k] = r * g[k] * w[k] - x[k] * coeff;
-                        }
-                    }
-                    dw
-                })
-                .collect();
-            let mut dw = vec![0f32; c];
-            for part in &partial {
-                axpy(1.0, part, &mut dw);
-            }
+            let dw = rms_norm_grad(x, w, g, self.eps, &mut dx, false);
             Ok((dx, dw))
         })?;
         Ok((
@@ -294,6 +256,56 @@ impl CustomOp2 for RmsNorm {
             Some(Tensor::from_vec(dw, weight.shape(), &Device::Cpu)?),
         ))
     }
+}
+
+/// `out = x / sqrt(mean(x^2) + eps) * w` for each row of `xs` (rows of `weight.len()`).
+pub(super) fn rms_norm_rows(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let c = weight.len();
+    out.par_chunks_mut(c)
+        .zip(xs.par_chunks(c))
+        .for_each(|(y, x)| {
+            let r = 1.0 / (dot(x, x) / c as f32 + eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
+                *y = x * r * w;
+            }
+        });
+}
+
+/// The backward pass of [`rms_norm_rows`] for the output gradient `g`: writes the
+/// input's gradient into `dx` (adds it when `add`) and returns the weight's.
+pub(super) fn rms_norm_grad(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32], add: bool) -> Vec<f32> {
+    let c = w.len();
+    // d/dx_k of x_k r w_k with r = (mean(x^2) + eps)^(-1/2):
+    // dx = r (g w) - x r^3 mean(g w x);  dw = sum over rows of g x r.
+    // dw sums over rows in fixed groups, added up in order: the result does not depend
+    // on how rayon happens to split the work (training must be deterministic).
+    let group = 64 * c;
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(group)
+        .zip(x.par_chunks(group).zip(g.par_chunks(group)))
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![0f32; c];
+            for (dx, (x, g)) in dx.chunks_mut(c).zip(x.chunks(c).zip(g.chunks(c))) {
+                let r = 1.0 / (dot(x, x) / c as f32 + eps).sqrt();
+                let mut gwx = 0f32;
+                for k in 0..c {
+                    gwx += g[k] * w[k] * x[k];
+                    dw[k] += g[k] * x[k] * r;
+                }
+                let coeff = r * r * r * gwx / c as f32;
+                match add {
+                    true => (0..c).for_each(|k| dx[k] += r * g[k] * w[k] - x[k] * coeff),
+                    false => (0..c).for_each(|k| dx[k] = r * g[k] * w[k] - x[k] * coeff),
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0f32; c];
+    for part in &partial {
+        axpy(1.0, part, &mut dw);
+    }
+    dw
 }
 
 /// RMSNorm of `xs` (.., c) with `weight` (c), or `None` when the kernel does not apply.
@@ -334,11 +346,7 @@ impl CustomOp2 for SwiGlu {
         let (gate, up) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let up = &up[..gate.len()];
         let mut out = vec![0f32; gate.len()];
-        // Chunks of whole cache lines, shared over the pool.
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK)
-            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-            .for_each(|(out, (gate, up))| swiglu_fwd(gate, up, out));
+        swiglu_rows(gate, up, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -353,7 +361,7 @@ impl CustomOp2 for SwiGlu {
             let n = gs.len();
             let (us, dys) = (&us[..n], &dys[..n]);
             let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
-            swiglu_bwd(gs, us, dys, &mut d_gate, &mut d_up);
+            swiglu_grad(gs, us, dys, &mut d_gate, &mut d_up);
             Ok((d_gate, d_up))
         })?;
         Ok((
@@ -387,6 +395,25 @@ simd_kernel! {
             d_up[i] = dy * g * s;
         }
     }
+}
+
+/// Elements per task of the SwiGLU passes: whole cache lines, shared over the pool.
+const SWIGLU_CHUNK: usize = 1 << 14;
+
+/// `out = silu(gate) * up`, elementwise.
+pub(super) fn swiglu_rows(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(SWIGLU_CHUNK)
+        .zip(gate.par_chunks(SWIGLU_CHUNK).zip(up.par_chunks(SWIGLU_CHUNK)))
+        .for_each(|(out, (gate, up))| swiglu_fwd(gate, up, out));
+}
+
+/// The gradients `d_gate`, `d_up` of [`swiglu_rows`] given the output's `dys`.
+pub(super) fn swiglu_grad(gs: &[f32], us: &[f32], dys: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    let inputs = gs.par_chunks(SWIGLU_CHUNK).zip(us.par_chunks(SWIGLU_CHUNK)).zip(dys.par_chunks(SWIGLU_CHUNK));
+    let outputs = d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK));
+    inputs
+        .zip(outputs)
+        .for_each(|(((gs, us), dys), (d_gate, d_up))| swiglu_bwd(gs, us, dys, d_gate, d_up));
 }
 
 /// `silu(gate) * up`, or `None` when the kernel does not apply.
@@ -576,7 +603,7 @@ struct FusedLinear;
 
 /// Every thread of the pool for products of [`PARALLEL_FROM`] multiply-adds and more,
 /// one below.
-fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
+pub(super) fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
     match rayon::current_num_threads() {
         threads if threads > 1 && multiply_adds >= PARALLEL_FROM => gemm::Parallelism::Rayon(threads),
         _ => gemm::Parallelism::None,
@@ -770,6 +797,25 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// Turns each row of `logits` (n, vocab) into the gradient of `scale` times the
+/// summed cross-entropy against `targets`, `scale * (softmax - one_hot)`, in place, and
+/// returns that sum (nats, added in row order).
+pub(super) fn cross_entropy_grad_in_place(logits: &mut [f32], targets: &[u32], scale: f32) -> f64 {
+    let v = logits.len() / targets.len().max(1);
+    let losses: Vec<f64> = logits
+        .par_chunks_mut(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let target_logit = row[t as usize];
+            let log_norm = softmax_in_place(row);
+            row[t as usize] -= 1.0;
+            row.iter_mut().for_each(|d| *d *= scale);
+            (log_norm - target_logit) as f64
+        })
+        .collect();
+    losses.iter().sum()
+}
+
 /// Mean cross-entropy (nats) of `logits` (n, vocab) against `targets` (n) u32, or `None`
 /// when the kernel does not apply.
 pub(crate) fn cross_entropy(
@@ -799,7 +845,8 @@ pub(crate) struct RopeTables {
     pub(crate) sin: Arc<Vec<f32>>,
 }
 
-struct CausalAttention {
+/// Causal self-attention with RoPE and grouped-query heads (see [`causal_attention`]).
+pub(super) struct CausalAttention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -846,6 +893,12 @@ struct Dims {
 }
 
 impl CausalAttention {
+    /// Attention over `heads` query heads sharing `kv_heads` key/value heads of width
+    /// `head_dim`, rotated by `rope` when given, without dropout.
+    pub(super) fn new(heads: usize, kv_heads: usize, head_dim: usize, rope: Option<RopeTables>) -> Self {
+        CausalAttention { heads, kv_heads, head_dim, rope, dropout: None }
+    }
+
     fn dims(&self, q_len: usize, k_len: usize, t: usize) -> candle_core::Result<Dims> {
         let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
         let b = q_len / (t * h * d);
@@ -853,6 +906,88 @@ impl CausalAttention {
             bail!("fused-attention: inputs do not match {h} heads, {g} kv heads of width {d}");
         }
         Ok(Dims { t, h, g, d })
+    }
+
+    /// The forward pass over `q` (b, t, heads * d) and `k`, `v` (b, t, kv_heads * d):
+    /// the (b, t, heads * d) input of `o_proj`.
+    pub(super) fn forward_rows(&self, q: &[f32], k: &[f32], v: &[f32], t: usize) -> candle_core::Result<Vec<f32>> {
+        let dims = self.dims(q.len(), k.len(), t)?;
+        let Dims { t, h, g, d } = dims;
+        let (per_q, per_kv) = (t * h * d, t * g * d);
+        // One (batch row, head) pair per task, so a single sequence still uses every core.
+        let heads: Vec<Vec<f32>> = (0..q.len() / per_q * h)
+            .into_par_iter()
+            .map(|task| {
+                let bi = task / h;
+                let qkv = [
+                    &q[bi * per_q..][..per_q],
+                    &k[bi * per_kv..][..per_kv],
+                    &v[bi * per_kv..][..per_kv],
+                ];
+                let mut out = vec![0f32; t * d];
+                attention_fwd_head(self, dims, task, qkv, &mut out);
+                out
+            })
+            .collect();
+        // Interleaved back into (b, t, h * d), a block of positions per task.
+        let mut out = vec![0f32; q.len()];
+        out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
+            let (bi, i) = (row / t, row % t);
+            for (head, dst) in dst.chunks_exact_mut(d).enumerate() {
+                dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
+            }
+        });
+        Ok(out)
+    }
+
+    /// The backward pass: from the inputs, the output `o` and its gradient `d_o`, the
+    /// gradients of `q`, `k` and `v`, in their layouts.
+    pub(super) fn backward_rows(&self, rows: [&[f32]; 5], t: usize) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let [q, k, v, o, d_o] = rows;
+        let dims = self.dims(q.len(), k.len(), t)?;
+        let Dims { t, h, g, d } = dims;
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        let (per_q, per_kv) = (t * h * d, t * g * d);
+        // One (batch row, kv head) pair per task: the task owns the gradients of its
+        // kv head and of the query heads sharing it, added into place afterwards.
+        let group = h / g;
+        let grads: Vec<GroupGrads> = (0..q.len() / per_q * g)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, kv_head) = (task / g, task % g);
+                let rows = [
+                    &q[bi * per_q..][..per_q],
+                    &k[bi * per_kv..][..per_kv],
+                    &v[bi * per_kv..][..per_kv],
+                    &o[bi * per_q..][..per_q],
+                    &d_o[bi * per_q..][..per_q],
+                ];
+                let mut grads = GroupGrads {
+                    dq: vec![0f32; group * t * d],
+                    dk: vec![0f32; t * d],
+                    dv: vec![0f32; t * d],
+                };
+                attention_bwd_group(self, dims, (bi, kv_head), rows, &mut grads);
+                grads
+            })
+            .collect();
+        for (task, grads) in grads.iter().enumerate() {
+            let (bi, kv_head) = (task / g, task % g);
+            let dq = &mut dq[bi * per_q..][..per_q];
+            for (member, dqh) in grads.dq.chunks_exact(t * d).enumerate() {
+                self.scatter_add(dqh, h, kv_head * group + member, dq);
+            }
+            self.scatter_add(&grads.dk, g, kv_head, &mut dk[bi * per_kv..][..per_kv]);
+            let dv = &mut dv[bi * per_kv..][..per_kv];
+            for (i, row) in grads.dv.chunks_exact(d).enumerate() {
+                axpy(1.0, row, &mut dv[(i * g + kv_head) * d..][..d]);
+            }
+        }
+        Ok((dq, dk, dv))
     }
 
     /// Copies head `head` of `src` (t, heads * d) into `dst` (t, d), rotated when RoPE is on.
@@ -979,33 +1114,7 @@ impl CustomOp3 for CausalAttention {
             slice(s2, l2, self.name())?,
             slice(s3, l3, self.name())?,
         );
-        let t = l1.dims()[1];
-        let dims = self.dims(q.len(), k.len(), t)?;
-        let Dims { t, h, g, d } = dims;
-        let (per_q, per_kv) = (t * h * d, t * g * d);
-        // One (batch row, head) pair per task, so a single sequence still uses every core.
-        let heads: Vec<Vec<f32>> = (0..q.len() / per_q * h)
-            .into_par_iter()
-            .map(|task| {
-                let bi = task / h;
-                let qkv = [
-                    &q[bi * per_q..][..per_q],
-                    &k[bi * per_kv..][..per_kv],
-                    &v[bi * per_kv..][..per_kv],
-                ];
-                let mut out = vec![0f32; t * d];
-                attention_fwd_head(self, dims, task, qkv, &mut out);
-                out
-            })
-            .collect();
-        // Interleaved back into (b, t, h * d), a block of positions per task.
-        let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
-            let (bi, i) = (row / t, row % t);
-            for (head, dst) in dst.chunks_exact_mut(d).enumerate() {
-                dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
-            }
-        });
+        let out = self.forward_rows(q, k, v, l1.dims()[1])?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1019,50 +1128,7 @@ impl CustomOp3 for CausalAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let t = res.dims()[1];
         let (dq, dk, dv) = with_host([q, k, v, res, grad], self.name(), |[q, k, v, o, d_o]| {
-            let dims = self.dims(q.len(), k.len(), t)?;
-            let Dims { t, h, g, d } = dims;
-            let (mut dq, mut dk, mut dv) = (
-                vec![0f32; q.len()],
-                vec![0f32; k.len()],
-                vec![0f32; v.len()],
-            );
-            let (per_q, per_kv) = (t * h * d, t * g * d);
-            // One (batch row, kv head) pair per task: the task owns the gradients of its
-            // kv head and of the query heads sharing it, added into place afterwards.
-            let group = h / g;
-            let grads: Vec<GroupGrads> = (0..q.len() / per_q * g)
-                .into_par_iter()
-                .map(|task| {
-                    let (bi, kv_head) = (task / g, task % g);
-                    let rows = [
-                        &q[bi * per_q..][..per_q],
-                        &k[bi * per_kv..][..per_kv],
-                        &v[bi * per_kv..][..per_kv],
-                        &o[bi * per_q..][..per_q],
-                        &d_o[bi * per_q..][..per_q],
-                    ];
-                    let mut grads = GroupGrads {
-                        dq: vec![0f32; group * t * d],
-                        dk: vec![0f32; t * d],
-                        dv: vec![0f32; t * d],
-                    };
-                    attention_bwd_group(self, dims, (bi, kv_head), rows, &mut grads);
-                    grads
-                })
-                .collect();
-            for (task, grads) in grads.iter().enumerate() {
-                let (bi, kv_head) = (task / g, task % g);
-                let dq = &mut dq[bi * per_q..][..per_q];
-                for (member, dqh) in grads.dq.chunks_exact(t * d).enumerate() {
-                    self.scatter_add(dqh, h, kv_head * group + member, dq);
-                }
-                self.scatter_add(&grads.dk, g, kv_head, &mut dk[bi * per_kv..][..per_kv]);
-                let dv = &mut dv[bi * per_kv..][..per_kv];
-                for (i, row) in grads.dv.chunks_exact(d).enumerate() {
-                    axpy(1.0, row, &mut dv[(i * g + kv_head) * d..][..d]);
-                }
-            }
-            Ok((dq, dk, dv))
+            self.backward_rows([q, k, v, o, d_o], t)
         })?;
         Ok((
             Some(Tensor::from_vec(dq, res.shape(), &Device::Cpu)?),
@@ -1088,17 +1154,17 @@ const BLOCK: usize = 64;
 
 /// A strided matrix in a slice: entry (r, c) is `data[r * rs + c * cs]`.
 #[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
+pub(super) struct Strided<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 impl<'a> Strided<'a> {
     /// The transpose, over the same slice.
-    fn t(self) -> Strided<'a> {
+    pub(super) fn t(self) -> Strided<'a> {
         Strided { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
     }
 
@@ -1114,7 +1180,7 @@ fn matmul(dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: Strided, rhs: S
 }
 
 /// [`matmul`] on the threads `parallelism` names.
-fn matmul_on(
+pub(super) fn matmul_on(
     parallelism: gemm::Parallelism,
     dst: &mut [f32],
     dst_rs: usize,
@@ -1133,7 +1199,7 @@ fn matmul_on(
 /// `scale * lhs rhs` as a new row-major matrix (`lhs.rows`, `rhs.cols`). The product
 /// writes every entry, so the buffer is not zeroed first: zeroing a fresh buffer costs
 /// a pass over memory as long as a thin product's.
-fn product(parallelism: gemm::Parallelism, lhs: Strided, rhs: Strided, scale: f32) -> Vec<f32> {
+pub(super) fn product(parallelism: gemm::Parallelism, lhs: Strided, rhs: Strided, scale: f32) -> Vec<f32> {
     let len = lhs.rows * rhs.cols;
     let mut dst = Vec::with_capacity(len);
     // SAFETY: the buffer has room for the (rows, cols) product with rows `cols` apart;
@@ -1153,7 +1219,7 @@ fn product(parallelism: gemm::Parallelism, lhs: Strided, rhs: Strided, scale: f3
 /// # Safety
 /// `dst` must be valid for writes (and for reads when `accumulate`) at every entry
 /// `r * dst_rs + c` of the (`lhs.rows`, `rhs.cols`) product, and overlap neither input.
-unsafe fn gemm_into(
+pub(super) unsafe fn gemm_into(
     parallelism: gemm::Parallelism,
     dst: *mut f32,
     dst_rs: usize,

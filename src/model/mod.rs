@@ -21,6 +21,7 @@
 
 pub mod adapter;
 mod attention;
+pub(crate) mod backprop;
 mod block;
 pub mod config;
 mod dropout;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::*;
@@ -907,4 +907,84 @@ fn half_precision_checkpoints_load_and_stay_close() {
         model.advance(&mut state, 56).unwrap();
         assert_eq!(model.next_logprobs(&[state]).unwrap()[0].len(), 65);
     }
+}
+
+// --- hand-written training pass -------------------------------------------------------
+
+/// The variables of a fresh model of `cfg`, by name, with every norm weight moved away
+/// from one so that the norms' gradients see a non-trivial scale.
+fn trainable(cfg: &ModelConfig) -> (Transformer, Vec<(String, Var)>) {
+    let (varmap, model) = fresh(cfg);
+    let mut vars: Vec<(String, Var)> =
+        varmap.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in vars.iter().filter(|(name, _)| name.ends_with("norm.weight")) {
+        let c = var.elem_count();
+        let wave = (Tensor::arange(0f32, c as f32, &Device::Cpu).unwrap() * (0.37 + name.len() as f64 * 0.01))
+            .unwrap()
+            .sin()
+            .unwrap();
+        var.set(&((wave * 0.3).unwrap() + 1.0).unwrap()).unwrap();
+    }
+    (model, vars)
+}
+
+#[test]
+fn hand_written_backprop_matches_autograd() {
+    let variants = [
+        ("gqa, untied", small(PositionKind::Rope)),
+        (
+            "mha, tied",
+            ModelConfig { tie_word_embeddings: true, num_key_value_heads: None, ..small(PositionKind::Rope) },
+        ),
+        ("mqa", ModelConfig { num_key_value_heads: Some(1), ..small(PositionKind::Rope) }),
+    ];
+    for (name, cfg) in variants {
+        let (model, vars) = trainable(&cfg);
+        let (b, t, scale) = (3, 9, 0.5);
+        let ids = random_ids(b, t + 1, cfg.vocab_size, 17);
+        let rows: Vec<&[u32]> = ids.chunks(t + 1).collect();
+        let inputs: Vec<u32> = rows.iter().flat_map(|row| &row[..t]).copied().collect();
+        let targets: Vec<u32> = rows.iter().flat_map(|row| &row[1..]).copied().collect();
+
+        let input_ids = Tensor::from_vec(inputs.clone(), (b, t), &Device::Cpu).unwrap();
+        let target_ids = Tensor::from_vec(targets.clone(), b * t, &Device::Cpu).unwrap();
+        let logits = model.forward_train(&input_ids, &DropoutRng::new(0), None).unwrap();
+        let loss = fused_cross_entropy(&logits.reshape((b * t, cfg.vocab_size)).unwrap(), &target_ids)
+            .unwrap()
+            .unwrap();
+        let expected = (&loss * scale).unwrap().backward().unwrap();
+
+        let backprop = backprop::LlamaBackprop::new(&cfg, &vars).expect("a Llama model");
+        let (ours, grads) = backprop.loss_and_grads(&vars, &inputs, &targets, t, scale as f32).unwrap();
+        let reference = loss.to_scalar::<f32>().unwrap();
+        assert!((ours - reference).abs() < 1e-5, "{name}: loss {ours} against {reference}");
+        assert_eq!(grads.len(), vars.len());
+        for ((var_name, var), grad) in vars.iter().zip(&grads) {
+            let autograd = expected.get(var.as_tensor()).unwrap();
+            let size = autograd.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = max_abs_diff(grad, autograd);
+            assert!(size > 0.0, "{name}: {var_name} got no gradient");
+            assert!(diff <= 1e-5 * size.max(1.0), "{name}: {var_name} differs by {diff} (largest {size})");
+        }
+    }
+}
+
+#[test]
+fn hand_written_backprop_takes_only_the_plain_llama_recipe() {
+    for (name, cfg) in variants() {
+        let (_, vars) = trainable(&cfg);
+        let applies = backprop::LlamaBackprop::new(&cfg, &vars).is_some();
+        let plain = cfg.position == PositionKind::Rope && name == "llama";
+        assert_eq!(applies, plain, "{name} {:?}", cfg.position);
+    }
+    let cfg = ModelConfig { dropout: 0.1, ..small(PositionKind::Rope) };
+    let (_, vars) = trainable(&cfg);
+    assert!(backprop::LlamaBackprop::new(&cfg, &vars).is_none(), "dropout");
+    // A variable it does not know (an adapter, say) leaves the model to autograd.
+    let cfg = small(PositionKind::Rope);
+    let (_, mut vars) = trainable(&cfg);
+    let extra = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    vars.push(("extra".into(), extra));
+    assert!(backprop::LlamaBackprop::new(&cfg, &vars).is_none(), "an unknown variable");
 }

@@ -7,11 +7,12 @@ use std::borrow::Cow;
 
 use candle_core::{Device, Tensor, Var};
 
-use super::batches::{derive_seed, sample_batch};
+use super::batches::{derive_seed, sample_batch, Batch};
 use super::optimizer::{global_norm, AdamW};
 use super::token_file::TokenFile;
 use super::trainer::cross_entropy;
 use super::TrainSection;
+use crate::model::backprop::LlamaBackprop;
 use crate::model::{ActivationCheckpointing, DropoutRng, Transformer};
 use crate::rng::SplitMix64;
 use crate::Result;
@@ -30,6 +31,9 @@ pub(crate) struct StepContext<'a> {
     /// draws the masks the uninterrupted one would have.
     pub seed: u64,
     pub dropout_stream: u64,
+    /// The hand-written pass for a plain Llama model in f32 on the CPU, which then
+    /// replaces the model's forward pass and candle's autograd.
+    pub backprop: Option<&'a LlamaBackprop>,
 }
 
 /// What the micro-batches of one step produced.
@@ -56,34 +60,21 @@ pub(crate) fn micro_batches<'m>(
     let mut grads: Vec<Option<Tensor>> = vec![None; ctx.vars.len()];
     for micro in 0..train.grad_accum {
         let batch = sample_batch(ctx.data, batch_size, seq_len, batch_rng, ctx.device)?;
-        let run_model = model()?;
-        let dropout = DropoutRng::new(derive_seed(
-            ctx.seed,
-            ctx.dropout_stream ^ (step * train.grad_accum + micro).wrapping_mul(0x9E37_79B9),
-        ));
-        let checkpointing = match train.checkpoint_activations {
-            true => Some(ActivationCheckpointing::new(ctx.device)?),
-            false => None,
+        let (loss_value, micro_grads) = match ctx.backprop {
+            Some(backprop) => {
+                let inputs: Vec<u32> = batch.inputs.flatten_all()?.to_vec1()?;
+                let targets: Vec<u32> = batch.targets.flatten_all()?.to_vec1()?;
+                let scale = 1.0 / train.grad_accum as f32;
+                let (loss, grads) = backprop.loss_and_grads(ctx.vars, &inputs, &targets, seq_len, scale)?;
+                (loss, grads.into_iter().map(Some).collect())
+            }
+            None => autograd_grads(&*model()?, ctx, step, micro, &batch)?,
         };
-        let logits = run_model.forward_train(&batch.inputs, &dropout, checkpointing.as_ref())?; // (b, t, vocab)
-        let loss = cross_entropy(&logits, &batch.targets)?;
-        // The one host read of the micro-batch: the loss, for the log and the NaN check.
-        let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
             return Ok(MicroBatches::Diverged(loss_value));
         }
         loss_sum += loss_value as f64;
-        let loss = match train.grad_accum {
-            1 => loss,
-            n => (loss / n as f64)?,
-        };
-        let mut store = loss.backward()?;
-        if let Some(checkpointing) = &checkpointing {
-            checkpointing.merge_into(&mut store)?;
-        }
-        for ((_, var), slot) in ctx.vars.iter().zip(grads.iter_mut()) {
-            // Detached, or a kept gradient would keep the micro-batch's graph alive.
-            let grad = store.remove(var.as_tensor()).map(|grad| grad.detach());
+        for (slot, grad) in grads.iter_mut().zip(micro_grads) {
             *slot = match (slot.take(), grad) {
                 (Some(acc), Some(g)) => Some((acc + g)?),
                 (acc, g) => acc.or(g),
@@ -102,6 +93,44 @@ pub(crate) fn micro_batches<'m>(
         loss: (loss_sum / train.grad_accum as f64) as f32,
         grads,
     })
+}
+
+/// The loss of one micro-batch through `model` and candle's autograd, and the
+/// gradient of the loss over `grad_accum` for each variable (`None` where none reached).
+fn autograd_grads(
+    model: &Transformer,
+    ctx: &StepContext,
+    step: u64,
+    micro: u64,
+    batch: &Batch,
+) -> Result<(f32, Vec<Option<Tensor>>)> {
+    let train = ctx.train;
+    let dropout = DropoutRng::new(derive_seed(
+        ctx.seed,
+        ctx.dropout_stream ^ (step * train.grad_accum + micro).wrapping_mul(0x9E37_79B9),
+    ));
+    let checkpointing = match train.checkpoint_activations {
+        true => Some(ActivationCheckpointing::new(ctx.device)?),
+        false => None,
+    };
+    let logits = model.forward_train(&batch.inputs, &dropout, checkpointing.as_ref())?; // (b, t, vocab)
+    let loss = cross_entropy(&logits, &batch.targets)?;
+    // The one host read of the micro-batch: the loss, for the log and the NaN check.
+    let loss_value = loss.to_scalar::<f32>()?;
+    if !loss_value.is_finite() {
+        return Ok((loss_value, Vec::new()));
+    }
+    let loss = match train.grad_accum {
+        1 => loss,
+        n => (loss / n as f64)?,
+    };
+    let mut store = loss.backward()?;
+    if let Some(checkpointing) = &checkpointing {
+        checkpointing.merge_into(&mut store)?;
+    }
+    // Detached, or a kept gradient would keep the micro-batch's graph alive.
+    let grads = ctx.vars.iter().map(|(_, var)| store.remove(var.as_tensor()).map(|grad| grad.detach()));
+    Ok((loss_value, grads.collect()))
 }
 
 /// One AdamW update at learning rate `lr` with `grads` scaled so that their global L2

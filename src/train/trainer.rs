@@ -34,6 +34,7 @@ use super::step::{apply_update, micro_batches, MicroBatches, StepContext};
 use super::token_file::{self, TokenDtype, TokenFile};
 use super::{interrupt, vocab};
 use crate::fsutil::write_atomic;
+use crate::model::backprop::LlamaBackprop;
 use crate::model::{
     fused_cross_entropy, param_count, training_memory, ModelConfig, TrainingMemory, Transformer,
 };
@@ -386,6 +387,13 @@ pub fn run_with_control(
         .vars()
         .map(|(n, v)| (n.to_string(), v.clone()))
         .collect();
+    // The plain Llama recipe in f32 on the CPU trains through the hand-written pass;
+    // checkpointed activations (recomputed to save memory) go through autograd.
+    let backprop = match (precision, train.checkpoint_activations) {
+        (Precision::F32, false) => LlamaBackprop::new(&cfg, &vars),
+        _ => None,
+    };
+    tracing::debug!("backward pass: {}", if backprop.is_some() { "hand-written" } else { "autograd" });
     let schedule = LrSchedule {
         schedule: match train.schedule.as_str() {
             "constant" => Schedule::Constant,
@@ -457,6 +465,7 @@ pub fn run_with_control(
             device,
             seed: setup.seed,
             dropout_stream: DROPOUT_STREAM,
+            backprop: backprop.as_ref(),
         };
         let step_model = || step_model(&model, &vars, precision);
         let (train_loss, grads) = match micro_batches(step_model, &ctx, state.step, &mut batch_rng)? {

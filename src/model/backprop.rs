@@ -1,0 +1,339 @@
+//! The training step of the Llama recipe (pre-norm RMSNorm, RoPE, SwiGLU, no biases,
+//! no dropout) in f32 on the CPU, differentiated by hand rather than by candle.
+//!
+//! Candle's backward pass gives each node's input a gradient tensor of its own: it
+//! allocates a zeroed tensor, adds the contribution into it, and keeps every
+//! intermediate of the graph alive until the end. For a small model those passes over
+//! memory are a tenth of a step. Written out, the step keeps only what its backward pass
+//! reads, lets each product add into its destination (the residual sums in the forward
+//! pass; the three projections that read one normed input add their input gradients
+//! into one buffer in the backward pass), and writes each weight's gradient once. The
+//! kernels are those of [`super::fused`] that the autograd path also runs, and the
+//! tests hold this pass to candle's autograd on the loss and every gradient.
+
+use candle_core::{Device, Storage, Tensor, Var};
+
+use super::config::ModelConfig;
+use super::fused::{self, CausalAttention, RopeTables, Strided};
+use super::rope::Rotary;
+use crate::{Error, Result};
+
+/// Where each weight of one block sits among the run's variables.
+struct BlockWeights {
+    input_norm: usize,
+    q: usize,
+    k: usize,
+    v: usize,
+    o: usize,
+    post_norm: usize,
+    gate: usize,
+    up: usize,
+    down: usize,
+}
+
+/// What a block's backward pass reads of its forward pass.
+struct BlockActivations {
+    /// The block's input (n, c) and its RMSNorm.
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    /// The projections (n, heads * d) and (n, kv_heads * d), before RoPE.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// The attention's output (n, heads * d), the input of `o_proj`.
+    attention: Vec<f32>,
+    /// The residual stream after attention (n, c) and its RMSNorm.
+    mid: Vec<f32>,
+    mid_normed: Vec<f32>,
+    /// The feed-forward's gate and up projections and `silu(gate) * up`, (n, hidden).
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    gated: Vec<f32>,
+}
+
+/// A hand-written forward and backward pass over the variables of a Llama model.
+pub(crate) struct LlamaBackprop {
+    vocab: usize,
+    /// The residual stream's width and the feed-forward's.
+    width: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    max_positions: usize,
+    rope: RopeTables,
+    /// The number of variables the indices below are into.
+    vars: usize,
+    embed: usize,
+    blocks: Vec<BlockWeights>,
+    final_norm: usize,
+    /// `None` when the output projection is the embedding (tied weights).
+    lm_head: Option<usize>,
+}
+
+impl LlamaBackprop {
+    /// The pass for a model of `cfg` whose weights are `vars` (named as
+    /// [`super::Transformer::named_tensors`] names them), or `None` where it does not
+    /// apply: another architecture, dropout, biases, another dtype or device, or
+    /// variables it does not know (candle's autograd then trains the model).
+    pub(crate) fn new(cfg: &ModelConfig, vars: &[(String, Var)]) -> Option<LlamaBackprop> {
+        let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
+        if !cfg.is_llama()
+            || cfg.dropout != 0.0
+            || cfg.attention_bias
+            || cfg.mlp_bias
+            || heads == 0
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !head_dim.is_multiple_of(2)
+        {
+            return None;
+        }
+        let (c, f, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let find = |name: &str, shape: &[usize]| {
+            vars.iter().position(|(n, var)| {
+                n == name
+                    && var.dims() == shape
+                    && var.dtype() == candle_core::DType::F32
+                    && var.device().is_cpu()
+            })
+        };
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let name = |part: &str| format!("model.layers.{i}.{part}.weight");
+                Some(BlockWeights {
+                    input_norm: find(&name("input_layernorm"), &[c])?,
+                    q: find(&name("self_attn.q_proj"), &[heads * head_dim, c])?,
+                    k: find(&name("self_attn.k_proj"), &[kv_heads * head_dim, c])?,
+                    v: find(&name("self_attn.v_proj"), &[kv_heads * head_dim, c])?,
+                    o: find(&name("self_attn.o_proj"), &[c, heads * head_dim])?,
+                    post_norm: find(&name("post_attention_layernorm"), &[c])?,
+                    gate: find(&name("mlp.gate_proj"), &[f, c])?,
+                    up: find(&name("mlp.up_proj"), &[f, c])?,
+                    down: find(&name("mlp.down_proj"), &[c, f])?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let lm_head = match cfg.tie_word_embeddings {
+            true => None,
+            false => Some(find("lm_head.weight", &[vocab, c])?),
+        };
+        let known = 2 + 9 * blocks.len() + usize::from(lm_head.is_some());
+        if vars.len() != known {
+            return None;
+        }
+        let rope = Rotary::new(cfg, candle_core::DType::F32, &Device::Cpu).ok()?.host_tables()?;
+        Some(LlamaBackprop {
+            vocab,
+            width: c,
+            hidden: f,
+            heads,
+            kv_heads,
+            head_dim,
+            eps: cfg.rms_norm_eps as f32,
+            max_positions: cfg.max_position_embeddings,
+            rope,
+            vars: vars.len(),
+            embed: find("model.embed_tokens.weight", &[vocab, c])?,
+            blocks,
+            final_norm: find("model.norm.weight", &[c])?,
+            lm_head,
+        })
+    }
+
+    /// The mean cross-entropy (nats per token) of `targets` after `inputs`, both rows of
+    /// `t` token ids one after another, and the gradient of `scale` times it with
+    /// respect to every variable, in `vars` order. When the loss is not finite no
+    /// gradient is computed and the list is empty.
+    pub(crate) fn loss_and_grads(
+        &self,
+        vars: &[(String, Var)],
+        inputs: &[u32],
+        targets: &[u32],
+        t: usize,
+        scale: f32,
+    ) -> Result<(f32, Vec<Tensor>)> {
+        let n = inputs.len();
+        if vars.len() != self.vars || targets.len() != n || n == 0 || t == 0 || !n.is_multiple_of(t) {
+            return Err(Error::Invalid(format!(
+                "backprop: {n} inputs and {} targets in rows of {t} for {} variables",
+                targets.len(),
+                vars.len()
+            )));
+        }
+        if t > self.max_positions {
+            return Err(Error::Invalid(format!(
+                "positions 0..{t} exceed max_position_embeddings = {}",
+                self.max_positions
+            )));
+        }
+        if let Some(&bad) = inputs.iter().chain(targets).find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab
+            )));
+        }
+        let guards: Vec<_> = vars.iter().map(|(_, var)| var.as_tensor().storage_and_layout()).collect();
+        let weights = guards
+            .iter()
+            .map(|(storage, layout)| match &**storage {
+                Storage::Cpu(cpu) => Ok(fused::slice(cpu, layout, "backprop")?),
+                _ => Err(Error::Invalid("backprop: the weights are not in host memory".into())),
+            })
+            .collect::<Result<Vec<&[f32]>>>()?;
+        let w = |index: usize| weights[index];
+        let (c, f, eps) = (self.width, self.hidden, self.eps);
+        let (q_width, kv_width) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let attention = CausalAttention::new(self.heads, self.kv_heads, self.head_dim, Some(self.rope.clone()));
+
+        // Forward, keeping what the backward pass reads.
+        let embed = w(self.embed);
+        let mut x: Vec<f32> = inputs
+            .iter()
+            .flat_map(|&id| &embed[id as usize * c..][..c])
+            .copied()
+            .collect();
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let mut normed = vec![0f32; n * c];
+            fused::rms_norm_rows(&x, w(block.input_norm), eps, &mut normed);
+            let q = linear(&normed, w(block.q), c);
+            let k = linear(&normed, w(block.k), c);
+            let v = linear(&normed, w(block.v), c);
+            let attention_out = attention.forward_rows(&q, &k, &v, t)?;
+            let mut mid = x.clone();
+            linear_add(&mut mid, &attention_out, w(block.o), q_width);
+            let mut mid_normed = vec![0f32; n * c];
+            fused::rms_norm_rows(&mid, w(block.post_norm), eps, &mut mid_normed);
+            let gate = linear(&mid_normed, w(block.gate), c);
+            let up = linear(&mid_normed, w(block.up), c);
+            let mut gated = vec![0f32; n * f];
+            fused::swiglu_rows(&gate, &up, &mut gated);
+            let mut next = mid.clone();
+            linear_add(&mut next, &gated, w(block.down), f);
+            saved.push(BlockActivations {
+                x: std::mem::replace(&mut x, next),
+                normed,
+                q,
+                k,
+                v,
+                attention: attention_out,
+                mid,
+                mid_normed,
+                gate,
+                up,
+                gated,
+            });
+        }
+        let mut final_normed = vec![0f32; n * c];
+        fused::rms_norm_rows(&x, w(self.final_norm), eps, &mut final_normed);
+        let head = w(self.lm_head.unwrap_or(self.embed));
+        let mut logits = linear(&final_normed, head, c);
+        // The logits become their own gradient: d(scale * mean loss) / d logits.
+        let total = fused::cross_entropy_grad_in_place(&mut logits, targets, scale / n as f32);
+        let loss = (total / n as f64) as f32;
+        if !loss.is_finite() {
+            return Ok((loss, Vec::new()));
+        }
+
+        // Backward, from the output down.
+        let mut grads: Vec<Vec<f32>> = vec![Vec::new(); vars.len()];
+        let d_logits = logits;
+        let d_final_normed = input_grad(&d_logits, head, self.vocab);
+        let d_head = weight_grad(&d_logits, &final_normed, self.vocab);
+        drop((d_logits, final_normed));
+        let mut dx = vec![0f32; n * c];
+        grads[self.final_norm] = fused::rms_norm_grad(&x, w(self.final_norm), &d_final_normed, eps, &mut dx, false);
+        for (block, acts) in self.blocks.iter().zip(saved).rev() {
+            // next = mid + gated W_down^T
+            grads[block.down] = weight_grad(&dx, &acts.gated, c);
+            let d_gated = input_grad(&dx, w(block.down), c);
+            let (mut d_gate, mut d_up) = (vec![0f32; n * f], vec![0f32; n * f]);
+            fused::swiglu_grad(&acts.gate, &acts.up, &d_gated, &mut d_gate, &mut d_up);
+            grads[block.gate] = weight_grad(&d_gate, &acts.mid_normed, f);
+            grads[block.up] = weight_grad(&d_up, &acts.mid_normed, f);
+            let mut d_mid_normed = input_grad(&d_gate, w(block.gate), f);
+            input_grad_add(&mut d_mid_normed, &d_up, w(block.up), f);
+            // dx becomes the gradient of `mid`: the residual path plus the norm's.
+            grads[block.post_norm] =
+                fused::rms_norm_grad(&acts.mid, w(block.post_norm), &d_mid_normed, eps, &mut dx, true);
+            // mid = x + attention W_o^T
+            grads[block.o] = weight_grad(&dx, &acts.attention, c);
+            let d_attention = input_grad(&dx, w(block.o), c);
+            let rows = [&acts.q[..], &acts.k, &acts.v, &acts.attention, &d_attention];
+            let (dq, dk, dv) = attention.backward_rows(rows, t)?;
+            grads[block.q] = weight_grad(&dq, &acts.normed, q_width);
+            grads[block.k] = weight_grad(&dk, &acts.normed, kv_width);
+            grads[block.v] = weight_grad(&dv, &acts.normed, kv_width);
+            let mut d_normed = input_grad(&dq, w(block.q), q_width);
+            input_grad_add(&mut d_normed, &dk, w(block.k), kv_width);
+            input_grad_add(&mut d_normed, &dv, w(block.v), kv_width);
+            // dx becomes the gradient of the block's input.
+            grads[block.input_norm] =
+                fused::rms_norm_grad(&acts.x, w(block.input_norm), &d_normed, eps, &mut dx, true);
+        }
+        // The embedding rows each input read, plus the output projection when tied.
+        let mut d_embed = match self.lm_head {
+            Some(lm_head) => {
+                grads[lm_head] = d_head;
+                vec![0f32; self.vocab * c]
+            }
+            None => d_head,
+        };
+        for (row, &id) in dx.chunks_exact(c).zip(inputs) {
+            for (acc, g) in d_embed[id as usize * c..][..c].iter_mut().zip(row) {
+                *acc += g;
+            }
+        }
+        grads[self.embed] = d_embed;
+        drop(weights);
+        drop(guards);
+        let grads = grads
+            .into_iter()
+            .zip(vars)
+            .map(|(grad, (_, var))| Ok(Tensor::from_vec(grad, var.shape(), &Device::Cpu)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss, grads))
+    }
+}
+
+/// `data` (rows, cols) row-major.
+fn rows(data: &[f32], cols: usize) -> Strided<'_> {
+    Strided { data, rows: data.len() / cols, cols, rs: cols, cs: 1 }
+}
+
+/// `x W^T` for `x` (n, in) and `w` (out, in), as a new (n, out) matrix.
+fn linear(x: &[f32], w: &[f32], in_features: usize) -> Vec<f32> {
+    let (x, w) = (rows(x, in_features), rows(w, in_features));
+    fused::product(fused::parallelism(x.rows * x.cols * w.rows), x, w.t(), 1.0)
+}
+
+/// `y += x W^T` for `x` (n, in), `w` (out, in) and `y` (n, out).
+fn linear_add(y: &mut [f32], x: &[f32], w: &[f32], in_features: usize) {
+    let (x, w) = (rows(x, in_features), rows(w, in_features));
+    let threads = fused::parallelism(x.rows * x.cols * w.rows);
+    fused::matmul_on(threads, y, w.rows, true, x, w.t(), 1.0);
+}
+
+/// The gradient `dy W` (n, in) of the input of `x W^T`, given `dy` (n, out) and `w`
+/// (out, in).
+fn input_grad(dy: &[f32], w: &[f32], out_features: usize) -> Vec<f32> {
+    let (dy, w) = (rows(dy, out_features), rows(w, w.len() / out_features));
+    fused::product(fused::parallelism(dy.rows * dy.cols * w.cols), dy, w, 1.0)
+}
+
+/// `dx += dy W`: as [`input_grad`], added into `dx`.
+fn input_grad_add(dx: &mut [f32], dy: &[f32], w: &[f32], out_features: usize) {
+    let (dy, w) = (rows(dy, out_features), rows(w, w.len() / out_features));
+    let threads = fused::parallelism(dy.rows * dy.cols * w.cols);
+    fused::matmul_on(threads, dx, w.cols, true, dy, w, 1.0);
+}
+
+/// The gradient `dy^T x` (out, in) of the weight of `x W^T`, given `dy` (n, out) and
+/// `x` (n, in).
+fn weight_grad(dy: &[f32], x: &[f32], out_features: usize) -> Vec<f32> {
+    let dy = rows(dy, out_features);
+    let x = rows(x, x.len() / dy.rows.max(1));
+    fused::product(fused::parallelism(dy.rows * dy.cols * x.cols), dy.t(), x, 1.0)
+}
