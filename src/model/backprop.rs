@@ -14,7 +14,7 @@
 use candle_core::{Device, Storage, Tensor, Var};
 
 use super::config::ModelConfig;
-use super::fused::{self, CausalAttention, RopeTables, Strided};
+use super::fused::{self, CausalAttention, RopeTables, SavedMap, Strided};
 use super::rope::Rotary;
 use crate::{Error, Result};
 
@@ -42,6 +42,8 @@ struct BlockActivations {
     v: Vec<f32>,
     /// The attention's output (n, heads * d), the input of `o_proj`.
     attention: Vec<f32>,
+    /// Each attention map's rotated heads and weights, where they were kept.
+    attention_maps: Option<Vec<SavedMap>>,
     /// The residual stream after attention (n, c) and its RMSNorm.
     mid: Vec<f32>,
     mid_normed: Vec<f32>,
@@ -187,6 +189,11 @@ impl LlamaBackprop {
         let (q_width, kv_width) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let attention = CausalAttention::new(self.heads, self.kv_heads, self.head_dim, Some(self.rope.clone()));
 
+        // The attention weights, (t, t) per head, are kept for the backward pass while
+        // they take no more memory than four copies of the residual stream; longer
+        // sequences recompute them (memory linear in t).
+        let keep_maps = t * self.heads <= 4 * c;
+
         // Forward, keeping what the backward pass reads.
         let embed = w(self.embed);
         let mut x: Vec<f32> = inputs
@@ -201,7 +208,13 @@ impl LlamaBackprop {
             let q = linear(&normed, w(block.q), c);
             let k = linear(&normed, w(block.k), c);
             let v = linear(&normed, w(block.v), c);
-            let attention_out = attention.forward_rows(&q, &k, &v, t)?;
+            let (attention_out, attention_maps) = match keep_maps {
+                true => {
+                    let (out, maps) = attention.forward_rows_keeping(&q, &k, &v, t)?;
+                    (out, Some(maps))
+                }
+                false => (attention.forward_rows(&q, &k, &v, t)?, None),
+            };
             let mut mid = x.clone();
             linear_add(&mut mid, &attention_out, w(block.o), q_width);
             let mut mid_normed = vec![0f32; n * c];
@@ -219,6 +232,7 @@ impl LlamaBackprop {
                 k,
                 v,
                 attention: attention_out,
+                attention_maps,
                 mid,
                 mid_normed,
                 gate,
@@ -262,7 +276,7 @@ impl LlamaBackprop {
             grads[block.o] = weight_grad(&dx, &acts.attention, c);
             let d_attention = input_grad(&dx, w(block.o), c);
             let rows = [&acts.q[..], &acts.k, &acts.v, &acts.attention, &d_attention];
-            let (dq, dk, dv) = attention.backward_rows(rows, t)?;
+            let (dq, dk, dv) = attention.backward_rows(rows, t, acts.attention_maps.as_deref())?;
             grads[block.q] = weight_grad(&dq, &acts.normed, q_width);
             grads[block.k] = weight_grad(&dk, &acts.normed, kv_width);
             grads[block.v] = weight_grad(&dv, &acts.normed, kv_width);

@@ -911,11 +911,34 @@ impl CausalAttention {
     /// The forward pass over `q` (b, t, heads * d) and `k`, `v` (b, t, kv_heads * d):
     /// the (b, t, heads * d) input of `o_proj`.
     pub(super) fn forward_rows(&self, q: &[f32], k: &[f32], v: &[f32], t: usize) -> candle_core::Result<Vec<f32>> {
+        Ok(self.forward_maps(q, k, v, t, false)?.0)
+    }
+
+    /// [`CausalAttention::forward_rows`], keeping for the backward pass each map's rotated
+    /// heads and its (t, t) weights, in map order (`bi * heads + head`).
+    pub(super) fn forward_rows_keeping(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+    ) -> candle_core::Result<(Vec<f32>, Vec<SavedMap>)> {
+        self.forward_maps(q, k, v, t, true)
+    }
+
+    fn forward_maps(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        keep: bool,
+    ) -> candle_core::Result<(Vec<f32>, Vec<SavedMap>)> {
         let dims = self.dims(q.len(), k.len(), t)?;
         let Dims { t, h, g, d } = dims;
         let (per_q, per_kv) = (t * h * d, t * g * d);
         // One (batch row, head) pair per task, so a single sequence still uses every core.
-        let heads: Vec<Vec<f32>> = (0..q.len() / per_q * h)
+        let (heads, saved): (Vec<Vec<f32>>, Vec<Option<SavedMap>>) = (0..q.len() / per_q * h)
             .into_par_iter()
             .map(|task| {
                 let bi = task / h;
@@ -925,10 +948,11 @@ impl CausalAttention {
                     &v[bi * per_kv..][..per_kv],
                 ];
                 let mut out = vec![0f32; t * d];
-                attention_fwd_head(self, dims, task, qkv, &mut out);
-                out
+                let mut saved = keep.then(|| SavedMap { qh: Vec::new(), kh: Vec::new(), weights: Vec::new() });
+                attention_fwd_head(self, dims, task, qkv, &mut out, saved.as_mut());
+                (out, saved)
             })
-            .collect();
+            .unzip();
         // Interleaved back into (b, t, h * d), a block of positions per task.
         let mut out = vec![0f32; q.len()];
         out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
@@ -937,15 +961,24 @@ impl CausalAttention {
                 dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
             }
         });
-        Ok(out)
+        Ok((out, saved.into_iter().flatten().collect()))
     }
 
     /// The backward pass: from the inputs, the output `o` and its gradient `d_o`, the
-    /// gradients of `q`, `k` and `v`, in their layouts.
-    pub(super) fn backward_rows(&self, rows: [&[f32]; 5], t: usize) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    /// gradients of `q`, `k` and `v`, in their layouts; `saved` holds what
+    /// [`CausalAttention::forward_rows_keeping`] kept, or the weights are recomputed.
+    pub(super) fn backward_rows(
+        &self,
+        rows: [&[f32]; 5],
+        t: usize,
+        saved: Option<&[SavedMap]>,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let [q, k, v, o, d_o] = rows;
         let dims = self.dims(q.len(), k.len(), t)?;
         let Dims { t, h, g, d } = dims;
+        if saved.is_some_and(|maps| maps.len() != q.len() / (t * d)) {
+            bail!("fused-attention: the kept maps are not those of these inputs");
+        }
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; q.len()],
             vec![0f32; k.len()],
@@ -971,7 +1004,8 @@ impl CausalAttention {
                     dk: vec![0f32; t * d],
                     dv: vec![0f32; t * d],
                 };
-                attention_bwd_group(self, dims, (bi, kv_head), rows, &mut grads);
+                let maps = saved.map(|maps| &maps[bi * h..][..h]);
+                attention_bwd_group(self, dims, (bi, kv_head), rows, &mut grads, maps);
                 grads
             })
             .collect();
@@ -1128,7 +1162,7 @@ impl CustomOp3 for CausalAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let t = res.dims()[1];
         let (dq, dk, dv) = with_host([q, k, v, res, grad], self.name(), |[q, k, v, o, d_o]| {
-            self.backward_rows([q, k, v, o, d_o], t)
+            self.backward_rows([q, k, v, o, d_o], t, None)
         })?;
         Ok((
             Some(Tensor::from_vec(dq, res.shape(), &Device::Cpu)?),
@@ -1271,27 +1305,38 @@ fn causal_softmax(row: &mut [f32], i: usize) {
 }
 
 /// The attention weights of query rows `i0..i0 + rows` of one head, `qh` and `kh`
-/// (t, d) rotated, into `p` (rows, i0 + rows).
+/// (t, d) rotated, into the first `i0 + rows` columns of `p` (rows, `rs` apart).
 #[inline(always)]
-fn block_weights(qh: &[f32], kh: &[f32], d: usize, i0: usize, rows: usize, scale: f32, p: &mut [f32]) {
+fn block_weights(qh: &[f32], kh: &[f32], d: usize, i0: usize, rows: usize, scale: f32, p: &mut [f32], rs: usize) {
     let keys = i0 + rows;
     let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
     let k_t = Strided { data: kh, rows: d, cols: keys, rs: 1, cs: d };
-    matmul(p, keys, false, q_block, k_t, scale);
-    for (r, row) in p.chunks_exact_mut(keys).enumerate() {
-        causal_softmax(row, i0 + r);
+    matmul(p, rs, false, q_block, k_t, scale);
+    for r in 0..rows {
+        causal_softmax(&mut p[r * rs..][..keys], i0 + r);
     }
+}
+
+/// What the forward pass of one attention map keeps for the backward pass, so that it
+/// neither rotates the heads again nor recomputes the weights: the rotated query and
+/// key rows (t, d) and the attention weights (t, t), zero above the diagonal.
+pub(super) struct SavedMap {
+    qh: Vec<f32>,
+    kh: Vec<f32>,
+    weights: Vec<f32>,
 }
 
 simd_kernel! {
     /// Attention map `map` (`bi * h + head`: query head `head` of batch row `bi`) of
-    /// the forward, from that row's `q` (t, h * d), `k`, `v` (t, g * d) into `out` (t, d).
+    /// the forward, from that row's `q` (t, h * d), `k`, `v` (t, g * d) into `out` (t, d);
+    /// with `keep`, the map's rotated heads and weights are left there.
     fn attention_fwd_head(
         op: &CausalAttention,
         dims: Dims,
         map: usize,
         qkv: [&[f32]; 3],
         out: &mut [f32],
+        keep: Option<&mut SavedMap>,
     ) {
         let [q, k, v] = qkv;
         let Dims { t, h, g, d } = dims;
@@ -1301,79 +1346,114 @@ simd_kernel! {
         let (mut qh, mut kh) = (vec![0f32; t * d], vec![0f32; t * d]);
         op.gather(q, h, head, &mut qh);
         op.gather(k, g, kv_head, &mut kh);
-        let mut p = vec![0f32; BLOCK.min(t) * t];
+        // Kept, the weights fill a (t, t) matrix; otherwise one block's rows at a time.
+        let keeping = keep.is_some();
+        let mut p = vec![0f32; if keeping { t * t } else { BLOCK.min(t) * t }];
         for i0 in (0..t).step_by(BLOCK) {
             let rows = BLOCK.min(t - i0);
             let keys = i0 + rows;
-            let p = &mut p[..rows * keys];
-            block_weights(&qh, &kh, d, i0, rows, scale, p);
+            let (block, rs) = match keeping {
+                true => (&mut p[i0 * t..], t),
+                false => (&mut p[..rows * keys], keys),
+            };
+            block_weights(&qh, &kh, d, i0, rows, scale, block, rs);
             if let Some(dropout) = &op.dropout {
-                dropout.apply(map, t, i0, keys, p);
+                dropout.apply(map, t, i0, keys, block);
             }
-            let weights = Strided { data: p, rows, cols: keys, rs: keys, cs: 1 };
+            let weights = Strided { data: block, rows, cols: keys, rs, cs: 1 };
             let values = Strided { data: &v[kv_head * d..], rows: keys, cols: d, rs: g * d, cs: 1 };
             matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
+        }
+        if let Some(keep) = keep {
+            *keep = SavedMap { qh, kh, weights: p };
         }
     }
 }
 
 simd_kernel! {
     /// The attention backward for `task` = (batch row `bi`, kv head `kv_head`) and the
-    /// query heads sharing that kv head: from the inputs `q`, `k`, `v`, the output `o` and its gradient `d_o`
-    /// into `grads`.
+    /// query heads sharing that kv head: from the inputs `q`, `k`, `v`, the output `o`
+    /// and its gradient `d_o` into `grads`, reading the forward's rotated heads and
+    /// weights from `saved` (the maps of every head of the batch row) when given.
     fn attention_bwd_group(
         op: &CausalAttention,
         dims: Dims,
         task: (usize, usize),
         rows: [&[f32]; 5],
         grads: &mut GroupGrads,
+        saved: Option<&[SavedMap]>,
     ) {
         let (bi, kv_head) = task;
         let [q, k, v, o, d_o] = rows;
         let Dims { t, h, g, d } = dims;
         let scale = 1.0 / (d as f32).sqrt();
         let group = h / g;
-        let (mut qh, mut kh) = (vec![0f32; t * d], vec![0f32; t * d]);
-        op.gather(k, g, kv_head, &mut kh);
+        let mut q_rotated = Vec::new();
+        let mut k_rotated = vec![0f32; if saved.is_some() { 0 } else { t * d }];
+        let kh: &[f32] = match saved {
+            Some(maps) => &maps[kv_head * group].kh,
+            None => {
+                op.gather(k, g, kv_head, &mut k_rotated);
+                &k_rotated
+            }
+        };
         let block = BLOCK.min(t) * t;
-        let (mut p, mut ds) = (vec![0f32; block], vec![0f32; block]);
+        let mut p = vec![0f32; if saved.is_some() { 0 } else { block }];
+        let mut ds = vec![0f32; block];
         // The dropped-out weights, which the values were summed with.
         let mut dropped = vec![0f32; if op.dropout.is_some() { block } else { 0 }];
         for (member, dqh) in grads.dq.chunks_exact_mut(t * d).enumerate() {
             let head = kv_head * group + member;
             let map = bi * h + head;
-            op.gather(q, h, head, &mut qh);
+            let qh: &[f32] = match saved {
+                Some(maps) => &maps[head].qh,
+                None => {
+                    q_rotated.resize(t * d, 0.0);
+                    op.gather(q, h, head, &mut q_rotated);
+                    &q_rotated
+                }
+            };
             for i0 in (0..t).step_by(BLOCK) {
                 let rows = BLOCK.min(t - i0);
                 let keys = i0 + rows;
-                let (p, ds) = (&mut p[..rows * keys], &mut ds[..rows * keys]);
-                block_weights(&qh, &kh, d, i0, rows, scale, p);
+                let ds = &mut ds[..rows * keys];
+                // This block's weights (rows, keys), `rs` apart.
+                let (weights, rs): (&[f32], usize) = match saved {
+                    Some(maps) => (&maps[head].weights[i0 * t..], t),
+                    None => {
+                        let p = &mut p[..rows * keys];
+                        block_weights(qh, kh, d, i0, rows, scale, p, keys);
+                        (p, keys)
+                    }
+                };
                 // The gradient rows of the block's outputs, (rows, d), h * d apart.
                 let d_out = Strided { data: &d_o[(i0 * h + head) * d..], rows, cols: d, rs: h * d, cs: 1 };
                 // dP = dO V^T.
                 let v_t = Strided { data: &v[kv_head * d..], rows: d, cols: keys, rs: 1, cs: g * d };
                 matmul(ds, keys, false, d_out, v_t, 1.0);
-                let mut weighted = Strided { data: &*p, rows, cols: keys, rs: keys, cs: 1 };
+                let mut weighted = Strided { data: weights, rows, cols: keys, rs, cs: 1 };
                 if let Some(dropout) = &op.dropout {
                     // Through the mask: the gradient of the weights before dropout.
                     dropout.apply(map, t, i0, keys, ds);
                     let dropped = &mut dropped[..rows * keys];
-                    dropped.copy_from_slice(p);
+                    for (r, row) in dropped.chunks_exact_mut(keys).enumerate() {
+                        row.copy_from_slice(&weights[r * rs..][..keys]);
+                    }
                     dropout.apply(map, t, i0, keys, dropped);
-                    weighted.data = dropped;
+                    weighted = Strided { data: dropped, rows, cols: keys, rs: keys, cs: 1 };
                 }
                 // Softmax backward: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), and the sum
                 // is dO_i . O_i (with dropout too: O_i sums the dropped-out weights).
-                for (r, (ds_row, p_row)) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).enumerate() {
+                for (r, ds_row) in ds.chunks_exact_mut(keys).enumerate() {
                     let i = i0 + r;
                     let delta = dot(&d_o[(i * h + head) * d..][..d], &o[(i * h + head) * d..][..d]);
-                    for (s, &pj) in ds_row.iter_mut().zip(p_row) {
+                    for (s, &pj) in ds_row.iter_mut().zip(&weights[r * rs..][..keys]) {
                         *s = pj * (*s - delta) * scale;
                     }
                 }
                 let scores_grad = Strided { data: ds, rows, cols: keys, rs: keys, cs: 1 };
                 // dQ = dS K, dK += dS^T Q, dV += P^T dO.
-                let k_rows = Strided { data: &kh, rows: keys, cols: d, rs: d, cs: 1 };
+                let k_rows = Strided { data: kh, rows: keys, cols: d, rs: d, cs: 1 };
                 matmul(&mut dqh[i0 * d..], d, false, scores_grad, k_rows, 1.0);
                 let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
                 matmul(&mut grads.dk, d, true, scores_grad.t(), q_block, 1.0);
