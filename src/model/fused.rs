@@ -1304,11 +1304,11 @@ fn causal_softmax(row: &mut [f32], i: usize) {
     masked.fill(0.0);
 }
 
-/// The attention weights of query rows `i0..i0 + rows` of one head, `qh` and `kh`
-/// (t, d) rotated, into the first `i0 + rows` columns of `p` (rows, `rs` apart).
+/// The attention weights of query rows `block` of one head, `qh` and `kh` (t, d)
+/// rotated, into the first `block.end` columns of `p` (one row per query, `rs` apart).
 #[inline(always)]
-fn block_weights(qh: &[f32], kh: &[f32], d: usize, i0: usize, rows: usize, scale: f32, p: &mut [f32], rs: usize) {
-    let keys = i0 + rows;
+fn block_weights(qh: &[f32], kh: &[f32], d: usize, block: std::ops::Range<usize>, scale: f32, p: &mut [f32], rs: usize) {
+    let (i0, rows, keys) = (block.start, block.len(), block.end);
     let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
     let k_t = Strided { data: kh, rows: d, cols: keys, rs: 1, cs: d };
     matmul(p, rs, false, q_block, k_t, scale);
@@ -1356,7 +1356,7 @@ simd_kernel! {
                 true => (&mut p[i0 * t..], t),
                 false => (&mut p[..rows * keys], keys),
             };
-            block_weights(&qh, &kh, d, i0, rows, scale, block, rs);
+            block_weights(&qh, &kh, d, i0..keys, scale, block, rs);
             if let Some(dropout) = &op.dropout {
                 dropout.apply(map, t, i0, keys, block);
             }
@@ -1422,7 +1422,7 @@ simd_kernel! {
                     Some(maps) => (&maps[head].weights[i0 * t..], t),
                     None => {
                         let p = &mut p[..rows * keys];
-                        block_weights(qh, kh, d, i0, rows, scale, p, keys);
+                        block_weights(qh, kh, d, i0..keys, scale, p, keys);
                         (p, keys)
                     }
                 };
