@@ -285,6 +285,13 @@ impl Attention {
                 v: v.clone(),
             });
         }
+        // Several positions after cached ones (scoring with a stride, a prefill's
+        // continuation): one fused kernel, when it applies.
+        if t > 1 && rng.is_none() {
+            if let Some(out) = fused::cached_attention(&q, &k, &v, offset)? {
+                return self.o_proj.forward(&out, rng); // (b, t, c)
+            }
+        }
         let k = repeat_kv(k, h / g)?; // (b, h, s, d)
         let v = repeat_kv(v, h / g)?; // (b, h, s, d)
 

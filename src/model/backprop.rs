@@ -14,7 +14,7 @@
 use candle_core::{Device, Storage, Tensor, Var};
 
 use super::config::ModelConfig;
-use super::fused::{self, CausalAttention, RopeTables, SavedMap, Strided};
+use super::fused::{self, CausalAttention, RopeTables, SavedMap, Strided, SwigluKept};
 use super::rope::Rotary;
 use crate::{Error, Result};
 
@@ -47,10 +47,9 @@ struct BlockActivations {
     /// The residual stream after attention (n, c) and its RMSNorm.
     mid: Vec<f32>,
     mid_normed: Vec<f32>,
-    /// The feed-forward's gate and up projections and `silu(gate) * up`, (n, hidden).
-    gate: Vec<f32>,
+    /// The feed-forward's up projection (n, hidden), and what SwiGLU kept of the gate.
     up: Vec<f32>,
-    gated: Vec<f32>,
+    swiglu: SwigluKept,
 }
 
 /// A hand-written forward and backward pass over the variables of a Llama model.
@@ -222,9 +221,10 @@ impl LlamaBackprop {
             let gate = linear(&mid_normed, w(block.gate), c);
             let up = linear(&mid_normed, w(block.up), c);
             let mut gated = vec![0f32; n * f];
-            fused::swiglu_rows(&gate, &up, &mut gated);
+            let swiglu = fused::swiglu_rows_keeping(gate, &up, &mut gated);
             let mut next = mid.clone();
             linear_add(&mut next, &gated, w(block.down), f);
+            drop(gated);
             saved.push(BlockActivations {
                 x: std::mem::replace(&mut x, next),
                 normed,
@@ -235,9 +235,8 @@ impl LlamaBackprop {
                 attention_maps,
                 mid,
                 mid_normed,
-                gate,
                 up,
-                gated,
+                swiglu,
             });
         }
         let mut final_normed = vec![0f32; n * c];
@@ -261,10 +260,10 @@ impl LlamaBackprop {
         grads[self.final_norm] = fused::rms_norm_grad(&x, w(self.final_norm), &d_final_normed, eps, &mut dx, false);
         for (block, acts) in self.blocks.iter().zip(saved).rev() {
             // next = mid + gated W_down^T
-            grads[block.down] = weight_grad(&dx, &acts.gated, c);
+            grads[block.down] = weight_grad(&dx, &acts.swiglu.output(&acts.up), c);
             let d_gated = input_grad(&dx, w(block.down), c);
             let (mut d_gate, mut d_up) = (vec![0f32; n * f], vec![0f32; n * f]);
-            fused::swiglu_grad(&acts.gate, &acts.up, &d_gated, &mut d_gate, &mut d_up);
+            acts.swiglu.grad(&acts.up, &d_gated, &mut d_gate, &mut d_up);
             grads[block.gate] = weight_grad(&d_gate, &acts.mid_normed, f);
             grads[block.up] = weight_grad(&d_up, &acts.mid_normed, f);
             let mut d_mid_normed = input_grad(&d_gate, w(block.gate), f);

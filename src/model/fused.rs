@@ -397,6 +397,36 @@ simd_kernel! {
     }
 }
 
+simd_kernel! {
+    /// `out = silu(gate) * up`, keeping for a backward pass `silu(gate)` in `silu` and
+    /// its derivative in place of `gate`.
+    fn swiglu_fwd_keeping(gate: &mut [f32], up: &[f32], out: &mut [f32], silu: &mut [f32]) {
+        let n = gate.len();
+        let (up, out, silu) = (&up[..n], &mut out[..n], &mut silu[..n]);
+        for i in 0..n {
+            let g = gate[i];
+            let s = sigmoid(g);
+            silu[i] = g * s;
+            out[i] = g * s * up[i];
+            // silu'(g) = s (1 + g (1 - s)).
+            gate[i] = s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+simd_kernel! {
+    /// The gradients of `silu(gate) * up` given the output's `dys`, from what
+    /// [`swiglu_fwd_keeping`] kept: no exponentials.
+    fn swiglu_bwd_kept(slopes: &[f32], silu: &[f32], us: &[f32], dys: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+        let n = slopes.len();
+        let (silu, us, dys, d_gate, d_up) = (&silu[..n], &us[..n], &dys[..n], &mut d_gate[..n], &mut d_up[..n]);
+        for i in 0..n {
+            d_gate[i] = dys[i] * us[i] * slopes[i];
+            d_up[i] = dys[i] * silu[i];
+        }
+    }
+}
+
 /// Elements per task of the SwiGLU passes: whole cache lines, shared over the pool.
 const SWIGLU_CHUNK: usize = 1 << 14;
 
@@ -414,6 +444,40 @@ pub(super) fn swiglu_grad(gs: &[f32], us: &[f32], dys: &[f32], d_gate: &mut [f32
     inputs
         .zip(outputs)
         .for_each(|(((gs, us), dys), (d_gate, d_up))| swiglu_bwd(gs, us, dys, d_gate, d_up));
+}
+
+/// What a training forward pass of SwiGLU keeps: `silu'(gate)` and `silu(gate)`.
+pub(super) struct SwigluKept {
+    slopes: Vec<f32>,
+    silu: Vec<f32>,
+}
+
+/// `silu(gate) * up` into `out`, keeping what [`swiglu_grad_kept`] reads; `gate` is
+/// consumed.
+pub(super) fn swiglu_rows_keeping(mut gate: Vec<f32>, up: &[f32], out: &mut [f32]) -> SwigluKept {
+    let mut silu = vec![0f32; gate.len()];
+    gate.par_chunks_mut(SWIGLU_CHUNK)
+        .zip(up.par_chunks(SWIGLU_CHUNK))
+        .zip(out.par_chunks_mut(SWIGLU_CHUNK).zip(silu.par_chunks_mut(SWIGLU_CHUNK)))
+        .for_each(|((gate, up), (out, silu))| swiglu_fwd_keeping(gate, up, out, silu));
+    SwigluKept { slopes: gate, silu }
+}
+
+impl SwigluKept {
+    /// `silu(gate) * up` again, as the forward pass computed it.
+    pub(super) fn output(&self, up: &[f32]) -> Vec<f32> {
+        self.silu.iter().zip(up).map(|(s, u)| s * u).collect()
+    }
+
+    /// The gradients `d_gate`, `d_up` given the output's `dys` and the forward's `up`.
+    pub(super) fn grad(&self, up: &[f32], dys: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+        let kept = self.slopes.par_chunks(SWIGLU_CHUNK).zip(self.silu.par_chunks(SWIGLU_CHUNK));
+        let inputs = kept.zip(up.par_chunks(SWIGLU_CHUNK).zip(dys.par_chunks(SWIGLU_CHUNK)));
+        let outputs = d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK));
+        inputs.zip(outputs).for_each(|(((slopes, silu), (up, dys)), (d_gate, d_up))| {
+            swiglu_bwd_kept(slopes, silu, up, dys, d_gate, d_up)
+        });
+    }
 }
 
 /// `silu(gate) * up`, or `None` when the kernel does not apply.
@@ -1463,6 +1527,74 @@ simd_kernel! {
     }
 }
 
+simd_kernel! {
+    /// One head of [`cached_attention`]: queries `qh` (t, d) at positions
+    /// `offset..offset + t` over keys `kh` and values `vh` (offset + t, d), into `out` (t, d).
+    fn cached_attention_head(qh: &[f32], kh: &[f32], vh: &[f32], d: usize, offset: usize, out: &mut [f32]) {
+        let t = qh.len() / d;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut p = vec![0f32; BLOCK.min(t) * (offset + t)];
+        for i0 in (0..t).step_by(BLOCK) {
+            let rows = BLOCK.min(t - i0);
+            let keys = offset + i0 + rows;
+            let p = &mut p[..rows * keys];
+            let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
+            let k_t = Strided { data: kh, rows: d, cols: keys, rs: 1, cs: d };
+            matmul(p, keys, false, q_block, k_t, scale);
+            for (r, row) in p.chunks_exact_mut(keys).enumerate() {
+                causal_softmax(row, offset + i0 + r);
+            }
+            let weights = Strided { data: p, rows, cols: keys, rs: keys, cs: 1 };
+            let values = Strided { data: vh, rows: keys, cols: d, rs: d, cs: 1 };
+            matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
+        }
+    }
+}
+
+/// Causal attention from `q` (b, heads, t, d), rotated, at positions
+/// `offset..offset + t` over `k`, `v` (b, kv_heads, offset + t, d): the keys and values
+/// of the cached positions and of the queries' own, as the key/value cache holds them.
+/// Returns (b, t, heads * d), the input of `o_proj`, or `None` where the kernel does not
+/// apply (another dtype or device, or tensors that need a gradient). Inference only:
+/// scoring with a stride and continuing a prefill attend this way without forming the
+/// (t, offset + t) scores of every head.
+pub(crate) fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> candle_core::Result<Option<Tensor>> {
+    if ![q, k, v].iter().all(|x| applies(x) && !x.track_op()) {
+        return Ok(None);
+    }
+    let (b, h, t, d) = q.dims4()?;
+    let (_, g, s, _) = k.dims4()?;
+    if s != offset + t {
+        return Ok(None);
+    }
+    if k.dims() != [b, g, s, d] || v.dims() != k.dims() || g == 0 || h % g != 0 {
+        bail!("cached-attention: q {:?}, k {:?}, v {:?} at offset {offset}", q.dims(), k.dims(), v.dims());
+    }
+    let out = with_host([q, k, v], "cached-attention", |[q, k, v]| {
+        let heads: Vec<Vec<f32>> = (0..b * h)
+            .into_par_iter()
+            .map(|map| {
+                let (bi, head) = (map / h, map % h);
+                let kv = bi * g + head / (h / g);
+                let mut out = vec![0f32; t * d];
+                let (kh, vh) = (&k[kv * s * d..][..s * d], &v[kv * s * d..][..s * d]);
+                cached_attention_head(&q[map * t * d..][..t * d], kh, vh, d, offset, &mut out);
+                out
+            })
+            .collect();
+        // Interleaved into (b, t, h * d).
+        let mut out = vec![0f32; b * t * h * d];
+        out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
+            let (bi, i) = (row / t, row % t);
+            for (head, dst) in dst.chunks_exact_mut(d).enumerate() {
+                dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
+            }
+        });
+        Ok(out)
+    })?;
+    Ok(Some(Tensor::from_vec(out, (b, t, h * d), q.device())?))
+}
+
 /// Causal self-attention over `q` (b, t, heads * d) and `k`, `v` (b, t, kv_heads * d),
 /// `(heads, kv_heads, d)` given as `shape`, straight from the projections, with RoPE for positions `0..t` when `rope` is given
 /// and dropout on the attention weights when `dropout` is; returns (b, t, heads * d),
@@ -1564,6 +1696,39 @@ mod tests {
             assert!(worst < 1e-5, "log-probabilities differ by {worst}");
             let total: f64 = row.iter().map(|&lp| f64::from(lp).exp()).sum();
             assert!((total - 1.0).abs() < 1e-5, "probabilities sum to {total}");
+        }
+    }
+
+    #[test]
+    fn cached_attention_matches_the_graph() {
+        // Two batch rows, 4 query heads over 2 kv heads of width 8; 5 queries after 7
+        // cached positions (two blocks of rows would need more than 64 queries, so a
+        // second case has 70).
+        for (t, offset) in [(5, 7), (70, 3)] {
+            let (b, h, g, d) = (2, 4, 2, 8);
+            let q = randn(&[b, h, t, d], 31).as_tensor().detach();
+            let k = randn(&[b, g, offset + t, d], 32).as_tensor().detach();
+            let v = randn(&[b, g, offset + t, d], 33).as_tensor().detach();
+            let ours = cached_attention(&q, &k, &v, offset).unwrap().unwrap();
+            let repeat = |x: &Tensor| {
+                let (b, g, s, d) = x.dims4().unwrap();
+                x.unsqueeze(2).unwrap().expand((b, g, h / g, s, d)).unwrap().reshape((b, h, s, d)).unwrap()
+            };
+            let scores = (q.matmul(&repeat(&k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..offset + t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, offset + t), &Device::Cpu).unwrap();
+            let weights = candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            let reference = weights
+                .matmul(&repeat(&v).contiguous().unwrap())
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap();
+            let diff = max_diff(&ours, &reference);
+            assert!(diff < 1e-5, "t {t}, offset {offset}: differs by {diff}");
         }
     }
 
