@@ -14,7 +14,9 @@
 //! (with the KV cache), `mlp`, `block`, `transformer` (the model), `state` (the model as
 //! a `LanguageModel`), `hf` (config.json + model.safetensors), `params` (parameter
 //! inventory and memory estimate), `dropout` (seeded masks), `adapter` (projections
-//! that carry LoRA branches; see `crate::lora`).
+//! that carry LoRA branches; see `crate::lora`), `fused` (CPU kernels with their
+//! backward passes), `backprop` (the plain Llama recipe's training step written out
+//! over those kernels), `recompute` (activation checkpointing).
 //!
 //! Candle stays inside this module: everything that leaves it is host data or
 //! `crate::Error`.
