@@ -1017,15 +1017,7 @@ impl CausalAttention {
                 (out, saved)
             })
             .unzip();
-        // Interleaved back into (b, t, h * d), a block of positions per task.
-        let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
-            let (bi, i) = (row / t, row % t);
-            for (head, dst) in dst.chunks_exact_mut(d).enumerate() {
-                dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
-            }
-        });
-        Ok((out, saved.into_iter().flatten().collect()))
+        Ok((interleave_heads(&heads, t, h, d), saved.into_iter().flatten().collect()))
     }
 
     /// The backward pass: from the inputs, the output `o` and its gradient `d_o`, the
@@ -1527,6 +1519,19 @@ simd_kernel! {
     }
 }
 
+/// The outputs of each (batch row, head), (t, d) each in that order, interleaved into
+/// (b, t, h * d), a block of positions per task.
+fn interleave_heads(heads: &[Vec<f32>], t: usize, h: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; heads.len() * t * d];
+    out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
+        let (bi, i) = (row / t, row % t);
+        for (head, dst) in dst.chunks_exact_mut(d).enumerate() {
+            dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
+        }
+    });
+    out
+}
+
 simd_kernel! {
     /// One head of [`cached_attention`]: queries `qh` (t, d) at positions
     /// `offset..offset + t` over keys `kh` and values `vh` (offset + t, d), into `out` (t, d).
@@ -1582,15 +1587,7 @@ pub(crate) fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize
                 out
             })
             .collect();
-        // Interleaved into (b, t, h * d).
-        let mut out = vec![0f32; b * t * h * d];
-        out.par_chunks_mut(h * d).with_min_len(64).enumerate().for_each(|(row, dst)| {
-            let (bi, i) = (row / t, row % t);
-            for (head, dst) in dst.chunks_exact_mut(d).enumerate() {
-                dst.copy_from_slice(&heads[bi * h + head][i * d..][..d]);
-            }
-        });
-        Ok(out)
+        Ok(interleave_heads(&heads, t, h, d))
     })?;
     Ok(Some(Tensor::from_vec(out, (b, t, h * d), q.device())?))
 }
