@@ -14,7 +14,10 @@
 use candle_core::{Device, Storage, Tensor, Var};
 
 use super::config::ModelConfig;
-use super::fused::{self, CausalAttention, RopeTables, SavedMap, Strided, SwigluKept};
+use super::fused::{
+    self, input_grad, input_grad_add, linear_rows, linear_rows_add, weight_grad, CausalAttention, RopeTables,
+    SavedMap, SwigluKept,
+};
 use super::rope::Rotary;
 use crate::{Error, Result};
 
@@ -204,9 +207,9 @@ impl LlamaBackprop {
         for block in &self.blocks {
             let mut normed = vec![0f32; n * c];
             fused::rms_norm_rows(&x, w(block.input_norm), eps, &mut normed);
-            let q = linear(&normed, w(block.q), c);
-            let k = linear(&normed, w(block.k), c);
-            let v = linear(&normed, w(block.v), c);
+            let q = linear_rows(&normed, w(block.q), c);
+            let k = linear_rows(&normed, w(block.k), c);
+            let v = linear_rows(&normed, w(block.v), c);
             let (attention_out, attention_maps) = match keep_maps {
                 true => {
                     let (out, maps) = attention.forward_rows_keeping(&q, &k, &v, t)?;
@@ -215,15 +218,15 @@ impl LlamaBackprop {
                 false => (attention.forward_rows(&q, &k, &v, t)?, None),
             };
             let mut mid = x.clone();
-            linear_add(&mut mid, &attention_out, w(block.o), q_width);
+            linear_rows_add(&mut mid, &attention_out, w(block.o), q_width);
             let mut mid_normed = vec![0f32; n * c];
             fused::rms_norm_rows(&mid, w(block.post_norm), eps, &mut mid_normed);
-            let gate = linear(&mid_normed, w(block.gate), c);
-            let up = linear(&mid_normed, w(block.up), c);
+            let gate = linear_rows(&mid_normed, w(block.gate), c);
+            let up = linear_rows(&mid_normed, w(block.up), c);
             let mut gated = vec![0f32; n * f];
             let swiglu = fused::swiglu_rows_keeping(gate, &up, &mut gated);
             let mut next = mid.clone();
-            linear_add(&mut next, &gated, w(block.down), f);
+            linear_rows_add(&mut next, &gated, w(block.down), f);
             drop(gated);
             saved.push(BlockActivations {
                 x: std::mem::replace(&mut x, next),
@@ -242,7 +245,7 @@ impl LlamaBackprop {
         let mut final_normed = vec![0f32; n * c];
         fused::rms_norm_rows(&x, w(self.final_norm), eps, &mut final_normed);
         let head = w(self.lm_head.unwrap_or(self.embed));
-        let mut logits = linear(&final_normed, head, c);
+        let mut logits = linear_rows(&final_normed, head, c);
         // The logits become their own gradient: d(scale * mean loss) / d logits.
         let total = fused::cross_entropy_grad_in_place(&mut logits, targets, scale / n as f32);
         let loss = (total / n as f64) as f32;
@@ -254,31 +257,31 @@ impl LlamaBackprop {
         let mut grads: Vec<Vec<f32>> = vec![Vec::new(); vars.len()];
         let d_logits = logits;
         let d_final_normed = input_grad(&d_logits, head, self.vocab);
-        let d_head = weight_grad(&d_logits, &final_normed, self.vocab);
+        let d_head = weight_grad(&d_logits, self.vocab, &final_normed, c);
         drop((d_logits, final_normed));
         let mut dx = vec![0f32; n * c];
         grads[self.final_norm] = fused::rms_norm_grad(&x, w(self.final_norm), &d_final_normed, eps, &mut dx, false);
         for (block, acts) in self.blocks.iter().zip(saved).rev() {
             // next = mid + gated W_down^T
-            grads[block.down] = weight_grad(&dx, &acts.swiglu.output(&acts.up), c);
+            grads[block.down] = weight_grad(&dx, c, &acts.swiglu.output(&acts.up), f);
             let d_gated = input_grad(&dx, w(block.down), c);
             let (mut d_gate, mut d_up) = (vec![0f32; n * f], vec![0f32; n * f]);
             acts.swiglu.grad(&acts.up, &d_gated, &mut d_gate, &mut d_up);
-            grads[block.gate] = weight_grad(&d_gate, &acts.mid_normed, f);
-            grads[block.up] = weight_grad(&d_up, &acts.mid_normed, f);
+            grads[block.gate] = weight_grad(&d_gate, f, &acts.mid_normed, c);
+            grads[block.up] = weight_grad(&d_up, f, &acts.mid_normed, c);
             let mut d_mid_normed = input_grad(&d_gate, w(block.gate), f);
             input_grad_add(&mut d_mid_normed, &d_up, w(block.up), f);
             // dx becomes the gradient of `mid`: the residual path plus the norm's.
             grads[block.post_norm] =
                 fused::rms_norm_grad(&acts.mid, w(block.post_norm), &d_mid_normed, eps, &mut dx, true);
             // mid = x + attention W_o^T
-            grads[block.o] = weight_grad(&dx, &acts.attention, c);
+            grads[block.o] = weight_grad(&dx, c, &acts.attention, q_width);
             let d_attention = input_grad(&dx, w(block.o), c);
             let rows = [&acts.q[..], &acts.k, &acts.v, &acts.attention, &d_attention];
             let (dq, dk, dv) = attention.backward_rows(rows, t, acts.attention_maps.as_deref())?;
-            grads[block.q] = weight_grad(&dq, &acts.normed, q_width);
-            grads[block.k] = weight_grad(&dk, &acts.normed, kv_width);
-            grads[block.v] = weight_grad(&dv, &acts.normed, kv_width);
+            grads[block.q] = weight_grad(&dq, q_width, &acts.normed, c);
+            grads[block.k] = weight_grad(&dk, kv_width, &acts.normed, c);
+            grads[block.v] = weight_grad(&dv, kv_width, &acts.normed, c);
             let mut d_normed = input_grad(&dq, w(block.q), q_width);
             input_grad_add(&mut d_normed, &dk, w(block.k), kv_width);
             input_grad_add(&mut d_normed, &dv, w(block.v), kv_width);
@@ -309,44 +312,4 @@ impl LlamaBackprop {
             .collect::<Result<Vec<_>>>()?;
         Ok((loss, grads))
     }
-}
-
-/// `data` (rows, cols) row-major.
-fn rows(data: &[f32], cols: usize) -> Strided<'_> {
-    Strided { data, rows: data.len() / cols, cols, rs: cols, cs: 1 }
-}
-
-/// `x W^T` for `x` (n, in) and `w` (out, in), as a new (n, out) matrix.
-fn linear(x: &[f32], w: &[f32], in_features: usize) -> Vec<f32> {
-    let (x, w) = (rows(x, in_features), rows(w, in_features));
-    fused::product(fused::parallelism(x.rows * x.cols * w.rows), x, w.t(), 1.0)
-}
-
-/// `y += x W^T` for `x` (n, in), `w` (out, in) and `y` (n, out).
-fn linear_add(y: &mut [f32], x: &[f32], w: &[f32], in_features: usize) {
-    let (x, w) = (rows(x, in_features), rows(w, in_features));
-    let threads = fused::parallelism(x.rows * x.cols * w.rows);
-    fused::matmul_on(threads, y, w.rows, true, x, w.t(), 1.0);
-}
-
-/// The gradient `dy W` (n, in) of the input of `x W^T`, given `dy` (n, out) and `w`
-/// (out, in).
-fn input_grad(dy: &[f32], w: &[f32], out_features: usize) -> Vec<f32> {
-    let (dy, w) = (rows(dy, out_features), rows(w, w.len() / out_features));
-    fused::product(fused::parallelism(dy.rows * dy.cols * w.cols), dy, w, 1.0)
-}
-
-/// `dx += dy W`: as [`input_grad`], added into `dx`.
-fn input_grad_add(dx: &mut [f32], dy: &[f32], w: &[f32], out_features: usize) {
-    let (dy, w) = (rows(dy, out_features), rows(w, w.len() / out_features));
-    let threads = fused::parallelism(dy.rows * dy.cols * w.cols);
-    fused::matmul_on(threads, dx, w.cols, true, dy, w, 1.0);
-}
-
-/// The gradient `dy^T x` (out, in) of the weight of `x W^T`, given `dy` (n, out) and
-/// `x` (n, in).
-fn weight_grad(dy: &[f32], x: &[f32], out_features: usize) -> Vec<f32> {
-    let dy = rows(dy, out_features);
-    let x = rows(x, x.len() / dy.rows.max(1));
-    fused::product(fused::parallelism(dy.rows * dy.cols * x.cols), dy.t(), x, 1.0)
 }

@@ -431,14 +431,14 @@ simd_kernel! {
 const SWIGLU_CHUNK: usize = 1 << 14;
 
 /// `out = silu(gate) * up`, elementwise.
-pub(super) fn swiglu_rows(gate: &[f32], up: &[f32], out: &mut [f32]) {
+fn swiglu_rows(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(SWIGLU_CHUNK)
         .zip(gate.par_chunks(SWIGLU_CHUNK).zip(up.par_chunks(SWIGLU_CHUNK)))
         .for_each(|(out, (gate, up))| swiglu_fwd(gate, up, out));
 }
 
 /// The gradients `d_gate`, `d_up` of [`swiglu_rows`] given the output's `dys`.
-pub(super) fn swiglu_grad(gs: &[f32], us: &[f32], dys: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+fn swiglu_grad(gs: &[f32], us: &[f32], dys: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
     let inputs = gs.par_chunks(SWIGLU_CHUNK).zip(us.par_chunks(SWIGLU_CHUNK)).zip(dys.par_chunks(SWIGLU_CHUNK));
     let outputs = d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK));
     inputs
@@ -452,7 +452,7 @@ pub(super) struct SwigluKept {
     silu: Vec<f32>,
 }
 
-/// `silu(gate) * up` into `out`, keeping what [`swiglu_grad_kept`] reads; `gate` is
+/// `silu(gate) * up` into `out`, keeping what [`SwigluKept::grad`] reads; `gate` is
 /// consumed.
 pub(super) fn swiglu_rows_keeping(mut gate: Vec<f32>, up: &[f32], out: &mut [f32]) -> SwigluKept {
     let mut silu = vec![0f32; gate.len()];
@@ -667,11 +667,48 @@ struct FusedLinear;
 
 /// Every thread of the pool for products of [`PARALLEL_FROM`] multiply-adds and more,
 /// one below.
-pub(super) fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
+fn parallelism(multiply_adds: usize) -> gemm::Parallelism {
     match rayon::current_num_threads() {
         threads if threads > 1 && multiply_adds >= PARALLEL_FROM => gemm::Parallelism::Rayon(threads),
         _ => gemm::Parallelism::None,
     }
+}
+
+/// `data` (rows, cols) row-major.
+fn row_major(data: &[f32], cols: usize) -> Strided<'_> {
+    Strided { data, rows: data.len() / cols, cols, rs: cols, cs: 1 }
+}
+
+/// `x W^T` for `x` (n, in) and `w` (out, in), as a new (n, out) matrix.
+pub(super) fn linear_rows(x: &[f32], w: &[f32], in_features: usize) -> Vec<f32> {
+    let (x, w) = (row_major(x, in_features), row_major(w, in_features));
+    product(parallelism(x.rows * x.cols * w.rows), x, w.t(), 1.0)
+}
+
+/// `y += x W^T` for `x` (n, in), `w` (out, in) and `y` (n, out).
+pub(super) fn linear_rows_add(y: &mut [f32], x: &[f32], w: &[f32], in_features: usize) {
+    let (x, w) = (row_major(x, in_features), row_major(w, in_features));
+    matmul_on(parallelism(x.rows * x.cols * w.rows), y, w.rows, true, x, w.t(), 1.0);
+}
+
+/// The gradient `dy W` (n, in) of the input of `x W^T`, given `dy` (n, out) and `w`
+/// (out, in).
+pub(super) fn input_grad(dy: &[f32], w: &[f32], out_features: usize) -> Vec<f32> {
+    let (dy, w) = (row_major(dy, out_features), row_major(w, w.len() / out_features));
+    product(parallelism(dy.rows * dy.cols * w.cols), dy, w, 1.0)
+}
+
+/// `dx += dy W`: as [`input_grad`], added into `dx`.
+pub(super) fn input_grad_add(dx: &mut [f32], dy: &[f32], w: &[f32], out_features: usize) {
+    let (dy, w) = (row_major(dy, out_features), row_major(w, w.len() / out_features));
+    matmul_on(parallelism(dy.rows * dy.cols * w.cols), dx, w.cols, true, dy, w, 1.0);
+}
+
+/// The gradient `dy^T x` (out, in) of the weight of `x W^T`, given `dy` (n, out) and
+/// `x` (n, in).
+pub(super) fn weight_grad(dy: &[f32], out_features: usize, x: &[f32], in_features: usize) -> Vec<f32> {
+    let (dy, x) = (row_major(dy, out_features), row_major(x, in_features));
+    product(parallelism(dy.rows * dy.cols * x.cols), dy.t(), x, 1.0)
 }
 
 impl CustomOp2 for FusedLinear {
@@ -688,14 +725,7 @@ impl CustomOp2 for FusedLinear {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let (out_features, k) = l2.shape().dims2()?;
-        let rows = x.len() / k;
-        // y (rows, out) = x (rows, in) W^T (in, out)
-        let y = product(
-            parallelism(rows * k * out_features),
-            Strided { data: x, rows, cols: k, rs: k, cs: 1 },
-            Strided { data: w, rows: k, cols: out_features, rs: 1, cs: k },
-            1.0,
-        );
+        let y = linear_rows(x, w, k);
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("at least one dimension") = out_features;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -713,15 +743,8 @@ impl CustomOp2 for FusedLinear {
         // under LoRA) gets none, and its product would be as large as the forward's.
         let (want_dx, want_dw) = (x.track_op(), w.track_op());
         let (dx, dw) = with_host([x, w, grad], self.name(), |[x, w, g]| {
-            let rows = x.len() / k;
-            let threads = parallelism(rows * k * out_features);
-            let g_rows = Strided { data: g, rows, cols: out_features, rs: out_features, cs: 1 };
-            let x_rows = Strided { data: x, rows, cols: k, rs: k, cs: 1 };
-            // dx (rows, in) = dy (rows, out) W (out, in)
-            let w_rows = Strided { data: w, rows: out_features, cols: k, rs: k, cs: 1 };
-            let dx = want_dx.then(|| product(threads, g_rows, w_rows, 1.0));
-            // dW (out, in) = dy^T (out, rows) x (rows, in)
-            let dw = want_dw.then(|| product(threads, g_rows.t(), x_rows, 1.0));
+            let dx = want_dx.then(|| input_grad(g, w, out_features));
+            let dw = want_dw.then(|| weight_grad(g, out_features, x, k));
             Ok((dx, dw))
         })?;
         Ok((
@@ -747,21 +770,11 @@ struct CrossEntropy {
     targets: Arc<Vec<u32>>,
 }
 
-impl CrossEntropy {
-    /// Per row: log-sum-exp, and the softmax into `probs` when given.
-    #[inline(always)]
-    fn row(logits: &[f32], probs: Option<&mut [f32]>) -> f32 {
-        match probs {
-            Some(probs) => {
-                probs.copy_from_slice(logits);
-                softmax_in_place(probs)
-            }
-            None => {
-                let max = max_of(logits);
-                max + sum_exp_shifted(logits, max).ln()
-            }
-        }
-    }
+/// The log-sum-exp of a row of logits.
+#[inline(always)]
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = max_of(logits);
+    max + sum_exp_shifted(logits, max).ln()
 }
 
 /// What scoring needs of one row of logits: log p(target), the largest log-probability
@@ -822,7 +835,7 @@ impl CustomOp1 for CrossEntropy {
         let total: f64 = logits
             .par_chunks(v)
             .zip(self.targets.par_iter())
-            .map(|(row, &t)| (Self::row(row, None) - row[t as usize]) as f64)
+            .map(|(row, &t)| (log_sum_exp(row) - row[t as usize]) as f64)
             .collect::<Vec<f64>>()
             // Summed in row order: a parallel sum's grouping would vary from run to run.
             .iter()
@@ -841,16 +854,8 @@ impl CustomOp1 for CrossEntropy {
     ) -> candle_core::Result<Option<Tensor>> {
         let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.targets.len() as f32;
         let d_logits = with_host([logits], self.name(), |[logits]| {
-            let v = logits.len() / self.targets.len();
-            let mut d_logits = vec![0f32; logits.len()];
-            d_logits
-                .par_chunks_mut(v)
-                .zip(logits.par_chunks(v).zip(self.targets.par_iter()))
-                .for_each(|(d, (row, &t))| {
-                    Self::row(row, Some(d));
-                    d[t as usize] -= 1.0;
-                    d.iter_mut().for_each(|d| *d *= scale);
-                });
+            let mut d_logits = logits.to_vec();
+            cross_entropy_grad_in_place(&mut d_logits, &self.targets, scale);
             Ok(d_logits)
         })?;
         Ok(Some(Tensor::from_vec(
@@ -1244,17 +1249,17 @@ const BLOCK: usize = 64;
 
 /// A strided matrix in a slice: entry (r, c) is `data[r * rs + c * cs]`.
 #[derive(Clone, Copy)]
-pub(super) struct Strided<'a> {
-    pub(super) data: &'a [f32],
-    pub(super) rows: usize,
-    pub(super) cols: usize,
-    pub(super) rs: usize,
-    pub(super) cs: usize,
+struct Strided<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
 }
 
 impl<'a> Strided<'a> {
     /// The transpose, over the same slice.
-    pub(super) fn t(self) -> Strided<'a> {
+    fn t(self) -> Strided<'a> {
         Strided { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
     }
 
@@ -1270,7 +1275,7 @@ fn matmul(dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: Strided, rhs: S
 }
 
 /// [`matmul`] on the threads `parallelism` names.
-pub(super) fn matmul_on(
+fn matmul_on(
     parallelism: gemm::Parallelism,
     dst: &mut [f32],
     dst_rs: usize,
@@ -1289,7 +1294,7 @@ pub(super) fn matmul_on(
 /// `scale * lhs rhs` as a new row-major matrix (`lhs.rows`, `rhs.cols`). The product
 /// writes every entry, so the buffer is not zeroed first: zeroing a fresh buffer costs
 /// a pass over memory as long as a thin product's.
-pub(super) fn product(parallelism: gemm::Parallelism, lhs: Strided, rhs: Strided, scale: f32) -> Vec<f32> {
+fn product(parallelism: gemm::Parallelism, lhs: Strided, rhs: Strided, scale: f32) -> Vec<f32> {
     let len = lhs.rows * rhs.cols;
     let mut dst = Vec::with_capacity(len);
     // SAFETY: the buffer has room for the (rows, cols) product with rows `cols` apart;
@@ -1309,7 +1314,7 @@ pub(super) fn product(parallelism: gemm::Parallelism, lhs: Strided, rhs: Strided
 /// # Safety
 /// `dst` must be valid for writes (and for reads when `accumulate`) at every entry
 /// `r * dst_rs + c` of the (`lhs.rows`, `rhs.cols`) product, and overlap neither input.
-pub(super) unsafe fn gemm_into(
+unsafe fn gemm_into(
     parallelism: gemm::Parallelism,
     dst: *mut f32,
     dst_rs: usize,
@@ -1360,16 +1365,17 @@ fn causal_softmax(row: &mut [f32], i: usize) {
     masked.fill(0.0);
 }
 
-/// The attention weights of query rows `block` of one head, `qh` and `kh` (t, d)
-/// rotated, into the first `block.end` columns of `p` (one row per query, `rs` apart).
+/// The attention weights of one head's query rows at `positions`, `q_rows` (one row of
+/// `d` per position) and keys `kh` (d wide, one row per position from 0) rotated, into
+/// the first `positions.end` columns of `p` (one row per query, `rs` apart).
 #[inline(always)]
-fn block_weights(qh: &[f32], kh: &[f32], d: usize, block: std::ops::Range<usize>, scale: f32, p: &mut [f32], rs: usize) {
-    let (i0, rows, keys) = (block.start, block.len(), block.end);
-    let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
+fn block_weights(q_rows: &[f32], kh: &[f32], d: usize, positions: std::ops::Range<usize>, scale: f32, p: &mut [f32], rs: usize) {
+    let (first, rows, keys) = (positions.start, positions.len(), positions.end);
+    let q_block = Strided { data: q_rows, rows, cols: d, rs: d, cs: 1 };
     let k_t = Strided { data: kh, rows: d, cols: keys, rs: 1, cs: d };
     matmul(p, rs, false, q_block, k_t, scale);
     for r in 0..rows {
-        causal_softmax(&mut p[r * rs..][..keys], i0 + r);
+        causal_softmax(&mut p[r * rs..][..keys], first + r);
     }
 }
 
@@ -1412,7 +1418,7 @@ simd_kernel! {
                 true => (&mut p[i0 * t..], t),
                 false => (&mut p[..rows * keys], keys),
             };
-            block_weights(&qh, &kh, d, i0..keys, scale, block, rs);
+            block_weights(&qh[i0 * d..], &kh, d, i0..keys, scale, block, rs);
             if let Some(dropout) = &op.dropout {
                 dropout.apply(map, t, i0, keys, block);
             }
@@ -1478,7 +1484,7 @@ simd_kernel! {
                     Some(maps) => (&maps[head].weights[i0 * t..], t),
                     None => {
                         let p = &mut p[..rows * keys];
-                        block_weights(qh, kh, d, i0..keys, scale, p, keys);
+                        block_weights(&qh[i0 * d..], kh, d, i0..keys, scale, p, keys);
                         (p, keys)
                     }
                 };
@@ -1543,12 +1549,7 @@ simd_kernel! {
             let rows = BLOCK.min(t - i0);
             let keys = offset + i0 + rows;
             let p = &mut p[..rows * keys];
-            let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
-            let k_t = Strided { data: kh, rows: d, cols: keys, rs: 1, cs: d };
-            matmul(p, keys, false, q_block, k_t, scale);
-            for (r, row) in p.chunks_exact_mut(keys).enumerate() {
-                causal_softmax(row, offset + i0 + r);
-            }
+            block_weights(&qh[i0 * d..], kh, d, offset + i0..keys, scale, p, keys);
             let weights = Strided { data: p, rows, cols: keys, rs: keys, cs: 1 };
             let values = Strided { data: vh, rows: keys, cols: d, rs: d, cs: 1 };
             matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
