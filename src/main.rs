@@ -34,10 +34,19 @@ fn main() -> ExitCode {
 /// recounts the cores by reading `/proc/cpuinfo` each time, dozens of reads per
 /// decoded token. The pool's threads get the main thread's 8 MiB of stack, since the
 /// whole command runs on one of them ([`on_thread_pool`]).
+///
+/// `CANDLE_NUM_THREADS`, when unset, becomes 1: candle's own pool for elementwise
+/// operations then runs them on the calling thread. Our kernels, on rayon's pool,
+/// carry the hot paths; candle's pool would add workers that spin after each of its
+/// operations, on the cores rayon's threads are using, and it lets one caller in at a
+/// time, so windows scored on several threads at once would queue for it.
 fn set_up_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     // Fails only if a pool exists already, which then serves as it is.
     let _ = rayon::ThreadPoolBuilder::new()

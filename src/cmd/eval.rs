@@ -391,25 +391,27 @@ fn score(loaded: &Loaded, input: &Input, args: &EvalArgs, keep: bool) -> Result<
                     (named, texts)
                 }
             };
-            let mut logprobs = Vec::new();
-            let mut predictions = Vec::new();
-            for (name, ids) in sequences {
-                let mut sequence: Vec<u32> = bos.into_iter().collect();
-                sequence.extend(ids);
-                if sequence.len() < 2 {
-                    bail!(
-                        "{name}: the text is {} token(s) long; a model without a beginning-of-sequence \
-                         token cannot score its first token, so give at least 2",
-                        sequence.len()
-                    );
-                }
-                let rows =
-                    eval::rolling_predictions(model, &sequence, context, stride, args.batch_size)?;
-                logprobs.extend(rows.iter().map(|p| p.logprob));
-                if keep {
-                    predictions.extend(rows);
-                }
-            }
+            let sequences = sequences
+                .into_iter()
+                .map(|(name, ids)| {
+                    let mut sequence: Vec<u32> = bos.into_iter().collect();
+                    sequence.extend(ids);
+                    if sequence.len() < 2 {
+                        bail!(
+                            "{name}: the text is {} token(s) long; a model without a beginning-of-sequence \
+                             token cannot score its first token, so give at least 2",
+                            sequence.len()
+                        );
+                    }
+                    Ok(sequence)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let rows = eval::rolling_predictions(model, &sequences, context, stride, args.batch_size)?;
+            let logprobs: Vec<f32> = rows.iter().flatten().map(|p| p.logprob).collect();
+            let predictions = match keep {
+                true => rows.into_iter().flatten().collect(),
+                false => Vec::new(),
+            };
             let words = texts.iter().map(|t| word_count(t)).sum();
             let bytes = texts.iter().map(String::len).sum();
             Ok(Scored {

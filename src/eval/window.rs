@@ -10,6 +10,9 @@
 //! `stride == context` the windows are non-overlapping chunks, each scored on its own,
 //! so the first token of every chunk only conditions.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+
 use super::{Prediction, WindowScorer};
 use crate::{Error, Result};
 
@@ -57,42 +60,100 @@ pub fn windows(len: usize, context: usize, stride: usize) -> Result<Vec<Window>>
     Ok(plan)
 }
 
-/// The predictions of the positions [`windows`] scores, in order, by windows of at most
-/// `context` tokens every `stride` tokens, `batch` windows of one shape per call.
+/// The predictions of the positions [`windows`] scores in each sequence, in order, by
+/// windows of at most `context` tokens every `stride` tokens, `batch` windows of one
+/// shape per call.
+///
+/// Windows are independent of each other, so with several threads in the pool each
+/// thread scores whole batches on its own (see [`score_batches`]).
 pub fn rolling_predictions(
-    scorer: &dyn WindowScorer,
-    sequence: &[u32],
+    scorer: &(dyn WindowScorer + Sync),
+    sequences: &[Vec<u32>],
     context: usize,
     stride: usize,
     batch: usize,
-) -> Result<Vec<Prediction>> {
-    let plan = windows(sequence.len(), context, stride)?;
-    let mut predictions = Vec::with_capacity(sequence.len().saturating_sub(1));
-    let mut pending: Vec<(&[u32], usize)> = Vec::new();
-    let flush = |pending: &mut Vec<(&[u32], usize)>, out: &mut Vec<Prediction>| -> Result<()> {
-        if pending.is_empty() {
-            return Ok(());
+) -> Result<Vec<Vec<Prediction>>> {
+    // (sequence, windows of one shape) in the order their predictions come.
+    let mut batches: Vec<(usize, Vec<(&[u32], usize)>)> = Vec::new();
+    for (index, sequence) in sequences.iter().enumerate() {
+        for window in windows(sequence.len(), context, stride)? {
+            let ids = &sequence[window.start..window.end];
+            let from = window.scored_from - window.start;
+            // A batch holds windows of one shape, so that they stack into one tensor.
+            let joins_last = batches.last().is_some_and(|(last, pending)| {
+                let (first, first_from) = pending[0];
+                *last == index && pending.len() < batch.max(1) && first.len() == ids.len() && first_from == from
+            });
+            match batches.last_mut() {
+                Some((_, pending)) if joins_last => pending.push((ids, from)),
+                _ => batches.push((index, vec![(ids, from)])),
+            }
         }
-        for rows in scorer.score_windows(pending)? {
-            out.extend(rows);
-        }
-        pending.clear();
-        Ok(())
-    };
-    for window in plan {
-        let ids = &sequence[window.start..window.end];
-        let from = window.scored_from - window.start;
-        // A batch holds windows of one shape, so that they stack into one tensor.
-        let same_shape = pending
-            .first()
-            .is_none_or(|(first, first_from)| first.len() == ids.len() && *first_from == from);
-        if !same_shape || pending.len() >= batch.max(1) {
-            flush(&mut pending, &mut predictions)?;
-        }
-        pending.push((ids, from));
     }
-    flush(&mut pending, &mut predictions)?;
+    let windows: Vec<&[(&[u32], usize)]> = batches.iter().map(|(_, pending)| pending.as_slice()).collect();
+    let mut predictions = vec![Vec::new(); sequences.len()];
+    for ((index, _), rows) in batches.iter().zip(score_batches(scorer, &windows)?) {
+        predictions[*index].extend(rows);
+    }
     Ok(predictions)
+}
+
+/// Each batch's predictions, in order. With one thread in the current pool, or one
+/// batch, the batches run one after another and every kernel may split its work over
+/// the pool. Otherwise as many workers as the pool has threads take the next batch in
+/// turn, each in a pool of one thread of its own, so that a batch's products and
+/// kernels run serially: two windows on two cores keep each core on whole products,
+/// where one window on both splits every product in two and waits at the end of each.
+fn score_batches(
+    scorer: &(dyn WindowScorer + Sync),
+    batches: &[&[(&[u32], usize)]],
+) -> Result<Vec<Vec<Prediction>>> {
+    let score = |windows: &[(&[u32], usize)]| -> Result<Vec<Prediction>> {
+        Ok(scorer.score_windows(windows)?.into_iter().flatten().collect())
+    };
+    let workers = rayon::current_num_threads().min(batches.len());
+    if workers <= 1 {
+        return batches.iter().map(|windows| score(windows)).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let scored: Vec<Mutex<Option<Result<Vec<Prediction>>>>> = batches.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .stack_size(8 << 20)
+                        .build()
+                        .map_err(|err| Error::Invalid(format!("cannot start a scoring thread: {err}")))?;
+                    pool.install(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(windows) = batches.get(i) else { break };
+                        let rows = score(windows);
+                        let failed = rows.is_err();
+                        *scored[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(rows);
+                        if failed {
+                            // Later batches are not needed once one has failed.
+                            next.store(batches.len(), Ordering::Relaxed);
+                        }
+                    });
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        }
+        Ok(())
+    })?;
+    // The first batch without a result follows a failed one, whose error comes first.
+    scored
+        .into_iter()
+        .map(|slot| slot.into_inner().unwrap_or_else(PoisonError::into_inner))
+        .map_while(|rows| rows)
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,12 +209,84 @@ mod tests {
             .map(|w| (w.start, w.end, w.scored_from))
             .collect();
         assert_eq!(got, expected);
-        let context: Vec<f32> = rolling_predictions(&ContextLength, &[0; 10], 4, 2, 3)
-            .unwrap()
+        let context: Vec<f32> = rolling_predictions(&ContextLength, &[vec![0; 10]], 4, 2, 3)
+            .unwrap()[0]
             .iter()
             .map(|p| -p.logprob)
             .collect();
         assert_eq!(context, [1.0, 2.0, 3.0, 2.0, 3.0, 2.0, 3.0, 2.0, 3.0]);
+    }
+
+    /// Fails on any window that holds an id of `bad` or more, and records how many
+    /// threads the pool it ran on had.
+    struct FailsOn {
+        bad: u32,
+        pool_threads: Mutex<Vec<usize>>,
+    }
+
+    impl WindowScorer for FailsOn {
+        fn score_windows(&self, windows: &[(&[u32], usize)]) -> Result<Vec<Vec<Prediction>>> {
+            self.pool_threads.lock().unwrap().push(rayon::current_num_threads());
+            match windows.iter().find(|(ids, _)| ids.iter().any(|&id| id >= self.bad)) {
+                Some((ids, _)) => Err(Error::Invalid(format!("window from {}", ids[0]))),
+                None => ContextLength.score_windows(windows),
+            }
+        }
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
+    }
+
+    #[test]
+    fn windows_scored_on_several_threads_come_back_in_order() {
+        // Distinct ids, so that each prediction's target says where it came from.
+        let sequences: Vec<Vec<u32>> = [23, 2, 9, 40, 1, 17]
+            .iter()
+            .scan(0u32, |next, &len| {
+                *next += len;
+                Some((*next - len..*next).collect())
+            })
+            .collect();
+        for batch in [1, 2, 5] {
+            let scorer = FailsOn { bad: u32::MAX, pool_threads: Mutex::new(Vec::new()) };
+            let rows = pool(3).install(|| rolling_predictions(&scorer, &sequences, 6, 4, batch)).unwrap();
+            assert_eq!(rows.len(), sequences.len());
+            for (sequence, rows) in sequences.iter().zip(&rows) {
+                let targets: Vec<u32> = rows.iter().map(|p| p.target).collect();
+                assert_eq!(targets, sequence.get(1..).unwrap_or_default(), "batch {batch}");
+                // Each position conditions on the tokens its own window holds before it.
+                for (window, predictions) in windows(sequence.len(), 6, 4)
+                    .unwrap()
+                    .iter()
+                    .zip(rows.chunk_by(|a, b| a.logprob > b.logprob))
+                {
+                    let context: Vec<f32> = predictions.iter().map(|p| -p.logprob).collect();
+                    let expected: Vec<f32> =
+                        (window.scored_from - window.start..window.end - window.start).map(|i| i as f32).collect();
+                    assert_eq!(context, expected, "batch {batch}");
+                }
+            }
+            // Several batches: every one ran alone, in a pool of one thread.
+            assert!(scorer.pool_threads.lock().unwrap().iter().all(|&threads| threads == 1));
+        }
+        // One batch keeps the whole pool for its kernels.
+        let scorer = FailsOn { bad: u32::MAX, pool_threads: Mutex::new(Vec::new()) };
+        pool(3).install(|| rolling_predictions(&scorer, &sequences[..1], 30, 30, 1)).unwrap();
+        assert_eq!(*scorer.pool_threads.lock().unwrap(), [3]);
+    }
+
+    #[test]
+    fn the_first_failing_window_is_the_error_reported() {
+        let sequences = vec![(0..40).collect::<Vec<u32>>()];
+        for threads in [1, 2] {
+            let scorer = FailsOn { bad: 21, pool_threads: Mutex::new(Vec::new()) };
+            let err = pool(threads)
+                .install(|| rolling_predictions(&scorer, &sequences, 4, 4, 1))
+                .unwrap_err();
+            // Windows start every 4 tokens; those from 20 on fail, and the first is reported.
+            assert_eq!(err.to_string(), Error::Invalid("window from 20".into()).to_string());
+        }
     }
 
     #[test]
