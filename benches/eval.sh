@@ -69,7 +69,9 @@ except Exception:
     ids = [index[c] for c in text]
 open(out, "w").write(" ".join(map(str, ids[:n])) + "\n")
 PY
-  read -r hf_nll hf_tps < <("$VENV/bin/python" - "$model" "$ids" "$context" "$stride" <<'PY'
+  # Command substitution waits for Python to exit, so that its shutdown does not run
+  # beside nlp's timed scoring.
+  hf=$("$VENV/bin/python" - "$model" "$ids" "$context" "$stride" <<'PY'
 import sys, time, torch
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(2)
@@ -98,6 +100,7 @@ seconds = time.perf_counter() - started
 print(f"{nll_sum / n_tokens:.6f} {n_tokens / seconds:.1f}")
 PY
 )
+  read -r hf_nll hf_tps <<< "$hf"
   started=$(date +%s.%N)
   report=$(RAYON_NUM_THREADS=2 "$NLP" --json eval --perplexity -m "$model" --ids "$ids" --context "$context" --stride "$stride")
   finished=$(date +%s.%N)

@@ -96,15 +96,15 @@ fn exp(x: f32) -> f32 {
 /// use vectors twice as wide. The body and the `#[inline(always)]` helpers it calls are
 /// inlined into each variant.
 macro_rules! simd_kernel {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        fn $name($($arg: $ty),*) {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn kernel($($arg: $ty),*) $body
+            fn kernel($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     kernel($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
@@ -801,22 +801,25 @@ pub(crate) fn score_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Resul
         Ok(data
             .par_chunks(vocab)
             .zip(targets.par_iter())
-            .map(|(row, &target)| {
-                // The first of equal maxima, as an argmax; the maximum then shifts the
-                // exponentials of the log-sum-exp.
-                let (top_id, top) = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best });
-                let log_norm = top + sum_exp_shifted(row, top).ln();
-                RowScore {
-                    logprob: row[target as usize] - log_norm,
-                    top_logprob: top - log_norm,
-                    top_id: top_id as u32,
-                }
-            })
+            .map(|(row, &target)| score_row(row, target))
             .collect())
     })
+}
+
+simd_kernel! {
+    /// The [`RowScore`] of one row of logits against its target.
+    fn score_row(row: &[f32], target: u32) -> RowScore {
+        // The maximum shifts the exponentials of the log-sum-exp; the first position
+        // that holds it is the argmax.
+        let top = max_of(row);
+        let top_id = row.iter().position(|&l| l == top).unwrap_or(0);
+        let log_norm = top + sum_exp_shifted(row, top).ln();
+        RowScore {
+            logprob: row[target as usize] - log_norm,
+            top_logprob: top - log_norm,
+            top_id: top_id as u32,
+        }
+    }
 }
 
 impl CustomOp1 for CrossEntropy {
