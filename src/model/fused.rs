@@ -770,11 +770,13 @@ struct CrossEntropy {
     targets: Arc<Vec<u32>>,
 }
 
-/// The log-sum-exp of a row of logits.
-#[inline(always)]
-fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = max_of(logits);
-    max + sum_exp_shifted(logits, max).ln()
+simd_kernel! {
+    /// -log softmax(row)[target]: the cross-entropy of one row of logits.
+    fn row_nll(row: &[f32], target: u32) -> f64 {
+        let max = max_of(row);
+        let log_norm = max + sum_exp_shifted(row, max).ln();
+        f64::from(log_norm - row[target as usize])
+    }
 }
 
 /// What scoring needs of one row of logits: log p(target), the largest log-probability
@@ -838,7 +840,7 @@ impl CustomOp1 for CrossEntropy {
         let total: f64 = logits
             .par_chunks(v)
             .zip(self.targets.par_iter())
-            .map(|(row, &t)| (log_sum_exp(row) - row[t as usize]) as f64)
+            .map(|(row, &t)| row_nll(row, t))
             .collect::<Vec<f64>>()
             // Summed in row order: a parallel sum's grouping would vary from run to run.
             .iter()
@@ -877,15 +879,20 @@ pub(super) fn cross_entropy_grad_in_place(logits: &mut [f32], targets: &[u32], s
     let losses: Vec<f64> = logits
         .par_chunks_mut(v)
         .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let target_logit = row[t as usize];
-            let log_norm = softmax_in_place(row);
-            row[t as usize] -= 1.0;
-            row.iter_mut().for_each(|d| *d *= scale);
-            (log_norm - target_logit) as f64
-        })
+        .map(|(row, &t)| cross_entropy_grad_row(row, t, scale))
         .collect();
     losses.iter().sum()
+}
+
+simd_kernel! {
+    /// One row of [`cross_entropy_grad_in_place`]: returns the row's cross-entropy.
+    fn cross_entropy_grad_row(row: &mut [f32], target: u32, scale: f32) -> f64 {
+        let target_logit = row[target as usize];
+        let log_norm = softmax_in_place(row);
+        row[target as usize] -= 1.0;
+        row.iter_mut().for_each(|d| *d *= scale);
+        f64::from(log_norm - target_logit)
+    }
 }
 
 /// Mean cross-entropy (nats) of `logits` (n, vocab) against `targets` (n) u32, or `None`
