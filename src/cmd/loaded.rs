@@ -432,8 +432,7 @@ impl WindowScorer for Transformer {
         let ids = Tensor::from_vec(inputs, (b, t - 1), self.device())?; // (b, t - 1)
         // Only the rows that predict a scored token: the context part of a window
         // conditions but is not normalised.
-        let logits = self.forward_tail(&ids, n)?; // (b, n, vocab)
-        let scores = crate::model::score_rows(&logits, &targets)?;
+        let scores = self.score_tail(&ids, &targets)?;
         Ok(scores
             .chunks(n)
             .zip(targets.chunks(n))

@@ -60,6 +60,10 @@ pub fn windows(len: usize, context: usize, stride: usize) -> Result<Vec<Window>>
     Ok(plan)
 }
 
+/// One window's token ids and its first scored position within them, as
+/// [`WindowScorer::score_windows`] takes them.
+type WindowIds<'a> = (&'a [u32], usize);
+
 /// The predictions of the positions [`windows`] scores in each sequence, in order, by
 /// windows of at most `context` tokens every `stride` tokens, `batch` windows of one
 /// shape per call.
@@ -74,7 +78,7 @@ pub fn rolling_predictions(
     batch: usize,
 ) -> Result<Vec<Vec<Prediction>>> {
     // (sequence, windows of one shape) in the order their predictions come.
-    let mut batches: Vec<(usize, Vec<(&[u32], usize)>)> = Vec::new();
+    let mut batches: Vec<(usize, Vec<WindowIds>)> = Vec::new();
     for (index, sequence) in sequences.iter().enumerate() {
         for window in windows(sequence.len(), context, stride)? {
             let ids = &sequence[window.start..window.end];
@@ -90,7 +94,7 @@ pub fn rolling_predictions(
             }
         }
     }
-    let windows: Vec<&[(&[u32], usize)]> = batches.iter().map(|(_, pending)| pending.as_slice()).collect();
+    let windows: Vec<&[WindowIds]> = batches.iter().map(|(_, pending)| pending.as_slice()).collect();
     let mut predictions = vec![Vec::new(); sequences.len()];
     for ((index, _), rows) in batches.iter().zip(score_batches(scorer, &windows)?) {
         predictions[*index].extend(rows);
@@ -104,11 +108,8 @@ pub fn rolling_predictions(
 /// turn, each in a pool of one thread of its own, so that a batch's products and
 /// kernels run serially: two windows on two cores keep each core on whole products,
 /// where one window on both splits every product in two and waits at the end of each.
-fn score_batches(
-    scorer: &(dyn WindowScorer + Sync),
-    batches: &[&[(&[u32], usize)]],
-) -> Result<Vec<Vec<Prediction>>> {
-    let score = |windows: &[(&[u32], usize)]| -> Result<Vec<Prediction>> {
+fn score_batches(scorer: &(dyn WindowScorer + Sync), batches: &[&[WindowIds]]) -> Result<Vec<Vec<Prediction>>> {
+    let score = |windows: &[WindowIds]| -> Result<Vec<Prediction>> {
         Ok(scorer.score_windows(windows)?.into_iter().flatten().collect())
     };
     let workers = rayon::current_num_threads().min(batches.len());

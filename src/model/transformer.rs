@@ -19,6 +19,7 @@ use super::attention::{CausalMask, KvCache};
 use super::block::Block;
 use super::config::{ModelConfig, NormPosition, PositionKind};
 use super::dropout::DropoutRng;
+use super::fused::{projected_scores, score_rows, RowScore};
 use super::norm::Norm;
 use super::recompute::ActivationCheckpointing;
 use super::rope::{AddedPositions, Rotary};
@@ -180,6 +181,24 @@ impl Transformer {
         self.run(ids, None, None, Some(keep))
     }
 
+    /// The [`RowScore`] of the last `targets.len() / b` positions of each row of `ids`
+    /// (b, t) against `targets` (row after row): [`Transformer::forward_tail`] and
+    /// [`score_rows`], except that on the CPU in f32 the output projection is scored a
+    /// block of the vocabulary at a time ([`projected_scores`]), never forming the logits.
+    pub(crate) fn score_tail(&self, ids: &Tensor, targets: &[u32]) -> Result<Vec<RowScore>> {
+        let b = ids.dims2()?.0.max(1);
+        let xs = self.hidden_states(ids, None, None, Some(targets.len() / b))?;
+        let weight = match &self.lm_head {
+            Some(lm_head) if lm_head.bias().is_some() => None,
+            Some(lm_head) => Some(lm_head.weight()),
+            None => Some(&self.embed_tokens),
+        };
+        if let Some(scores) = weight.map(|w| projected_scores(&xs, w, targets)).transpose()?.flatten() {
+            return Ok(scores);
+        }
+        Ok(score_rows(&self.project(&xs)?, targets)?)
+    }
+
     /// Logits (b, t, vocab) with dropout drawn from `rng`: the training forward. With
     /// `checkpointing`, every block keeps only its input and output for the backward
     /// pass (see [`ActivationCheckpointing`]), whose gradients it then holds for the weights
@@ -227,6 +246,17 @@ impl Transformer {
     }
 
     fn run(
+        &self,
+        ids: &Tensor,
+        kv_cache: Option<&mut KvCache>,
+        training: Option<(&DropoutRng, Option<&ActivationCheckpointing>)>,
+        keep: Option<usize>,
+    ) -> Result<Tensor> {
+        self.project(&self.hidden_states(ids, kv_cache, training, keep)?)
+    }
+
+    /// The final hidden states (b, t or keep, c) that the output projection reads.
+    fn hidden_states(
         &self,
         ids: &Tensor,
         mut kv_cache: Option<&mut KvCache>,
@@ -307,12 +337,16 @@ impl Transformer {
         if let Some(norm) = &self.norm {
             xs = norm.forward(&xs)?;
         }
-        let logits = match &self.lm_head {
-            Some(lm_head) => few_rows_or_linear(lm_head, &xs)?,
+        Ok(xs)
+    }
+
+    /// Logits (.., vocab) of hidden states (.., c).
+    fn project(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(lm_head) => few_rows_or_linear(lm_head, xs)?,
             // Tied weights: the output projection is the input embedding.
-            None => few_rows_or_linear(&Linear::new(self.embed_tokens.clone(), None), &xs)?,
-        }; // (b, t, vocab)
-        Ok(logits)
+            None => few_rows_or_linear(&Linear::new(self.embed_tokens.clone(), None), xs)?,
+        })
     }
 }
 
