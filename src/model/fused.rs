@@ -809,18 +809,12 @@ pub(crate) fn score_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Resul
 }
 
 simd_kernel! {
-    /// The [`RowScore`] of one row of logits against its target.
+    /// The [`RowScore`] of one row of logits against its target: the row as a single
+    /// block of [`fold_block`].
     fn score_row(row: &[f32], target: u32) -> RowScore {
-        // The maximum shifts the exponentials of the log-sum-exp; the first position
-        // that holds it is the argmax.
-        let top = max_of(row);
-        let top_id = row.iter().position(|&l| l == top).unwrap_or(0);
-        let log_norm = top + sum_exp_shifted(row, top).ln();
-        RowScore {
-            logprob: row[target as usize] - log_norm,
-            top_logprob: top - log_norm,
-            top_id: top_id as u32,
-        }
+        let mut run = RunningScore::START;
+        fold_block(row, 0, target, &mut run);
+        run.score()
     }
 }
 
@@ -838,6 +832,22 @@ struct RunningScore {
     target_logit: f32,
 }
 
+impl RunningScore {
+    /// Before the first block.
+    const START: RunningScore = RunningScore { max: f32::NEG_INFINITY, top_id: 0, sum: 0.0, target_logit: f32::NAN };
+
+    /// The row's score once every block is folded in.
+    #[inline(always)]
+    fn score(&self) -> RowScore {
+        let log_norm = self.max + self.sum.ln();
+        RowScore {
+            logprob: self.target_logit - log_norm,
+            top_logprob: self.max - log_norm,
+            top_id: self.top_id,
+        }
+    }
+}
+
 /// The [`RowScore`] of each row of the output projection `x W^T` (`x` (.., c) hidden
 /// states, `w` (vocab, c)) against `targets`, or `None` where the kernel does not apply.
 /// The (rows, vocab) logits never exist at once: [`VOCAB_BLOCK`] columns at a time, each
@@ -845,8 +855,8 @@ struct RunningScore {
 /// sum rescaled when the maximum rises (the online softmax of Milakov & Gimelshein
 /// 2018). A window's whole logits would be, for 512 scored rows of a 32,000-token
 /// vocabulary, 65 MB allocated and faulted in for every window; a block's stay a few MB
-/// and are reused. With one block (a vocabulary of at most [`VOCAB_BLOCK`]) the result
-/// is [`score_rows`]' exactly.
+/// and are reused. With one block (a vocabulary of at most [`VOCAB_BLOCK`]) this is
+/// [`score_rows`] on the product.
 pub(crate) fn projected_scores(x: &Tensor, w: &Tensor, targets: &[u32]) -> candle_core::Result<Option<Vec<RowScore>>> {
     if !applies(x) || !applies(w) || x.track_op() || w.track_op() {
         return Ok(None);
@@ -862,8 +872,7 @@ pub(crate) fn projected_scores(x: &Tensor, w: &Tensor, targets: &[u32]) -> candl
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     let scores = with_host([&x, &w], "projected-scores", |[x, w]| {
-        let start = RunningScore { max: f32::NEG_INFINITY, top_id: 0, sum: 0.0, target_logit: f32::NAN };
-        let mut running = vec![start; n];
+        let mut running = vec![RunningScore::START; n];
         let mut logits = vec![0f32; n * VOCAB_BLOCK.min(vocab)];
         for first in (0..vocab).step_by(VOCAB_BLOCK) {
             let cols = VOCAB_BLOCK.min(vocab - first);
@@ -875,23 +884,14 @@ pub(crate) fn projected_scores(x: &Tensor, w: &Tensor, targets: &[u32]) -> candl
                 .zip(running.par_iter_mut().zip(targets.par_iter()))
                 .for_each(|(row, (run, &target))| fold_block(row, first, target, run));
         }
-        Ok(running
-            .iter()
-            .map(|run| {
-                let log_norm = run.max + run.sum.ln();
-                RowScore {
-                    logprob: run.target_logit - log_norm,
-                    top_logprob: run.max - log_norm,
-                    top_id: run.top_id,
-                }
-            })
-            .collect::<Vec<_>>())
+        Ok(running.iter().map(RunningScore::score).collect::<Vec<_>>())
     })?;
     Ok(Some(scores))
 }
 
 simd_kernel! {
-    /// Folds one vocabulary block's logits `row` (ids `first..`) into `run`.
+    /// Folds one vocabulary block's logits `row` (ids `first..`) into `run`. On the
+    /// first block the sum is exactly the block's: `0 * e^(-inf - top)` adds nothing.
     fn fold_block(row: &[f32], first: usize, target: u32, run: &mut RunningScore) {
         let top = max_of(row);
         if top > run.max {
