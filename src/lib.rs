@@ -19,6 +19,7 @@ pub mod model;
 pub mod ngram;
 pub mod progress;
 pub mod rng;
+mod simd;
 pub mod tokenize;
 pub mod train;
 

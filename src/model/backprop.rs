@@ -11,6 +11,8 @@
 //! kernels are those of [`super::fused`] that the autograd path also runs, and the
 //! tests hold this pass to candle's autograd on the loss and every gradient.
 
+use std::sync::Mutex;
+
 use candle_core::{Device, Storage, Tensor, Var};
 
 use super::config::ModelConfig;
@@ -55,6 +57,32 @@ struct BlockActivations {
     swiglu: SwigluKept,
 }
 
+/// Buffers of earlier steps, handed out again for outputs that a kernel overwrites in
+/// full: a fresh zeroed buffer would cost a pass over memory as long as the kernel's.
+#[derive(Default)]
+struct Scratch(Mutex<Vec<Vec<f32>>>);
+
+impl Scratch {
+    /// A buffer of `len` entries with arbitrary contents, for the caller to overwrite:
+    /// the smallest kept one that is large enough, or a new one.
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut kept = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let best = (kept.iter().enumerate())
+            .filter(|(_, buf)| buf.capacity() >= len)
+            .min_by_key(|(_, buf)| buf.capacity())
+            .map(|(i, _)| i);
+        let mut buf = best.map(|i| kept.swap_remove(i)).unwrap_or_default();
+        buf.resize(len, 0.0);
+        buf
+    }
+
+    /// Keeps `bufs` for a later [`Scratch::take`].
+    fn give<const N: usize>(&self, bufs: [Vec<f32>; N]) {
+        let mut kept = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        kept.extend(bufs);
+    }
+}
+
 /// A hand-written forward and backward pass over the variables of a Llama model.
 pub(crate) struct LlamaBackprop {
     vocab: usize,
@@ -74,6 +102,7 @@ pub(crate) struct LlamaBackprop {
     final_norm: usize,
     /// `None` when the output projection is the embedding (tied weights).
     lm_head: Option<usize>,
+    scratch: Scratch,
 }
 
 impl LlamaBackprop {
@@ -143,6 +172,7 @@ impl LlamaBackprop {
             blocks,
             final_norm: find("model.norm.weight", &[c])?,
             lm_head,
+            scratch: Scratch::default(),
         })
     }
 
@@ -205,7 +235,7 @@ impl LlamaBackprop {
             .collect();
         let mut saved = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let mut normed = vec![0f32; n * c];
+            let mut normed = self.scratch.take(n * c);
             fused::rms_norm_rows(&x, w(block.input_norm), eps, &mut normed);
             let q = linear_rows(&normed, w(block.q), c);
             let k = linear_rows(&normed, w(block.k), c);
@@ -219,15 +249,15 @@ impl LlamaBackprop {
             };
             let mut mid = x.clone();
             linear_rows_add(&mut mid, &attention_out, w(block.o), q_width);
-            let mut mid_normed = vec![0f32; n * c];
+            let mut mid_normed = self.scratch.take(n * c);
             fused::rms_norm_rows(&mid, w(block.post_norm), eps, &mut mid_normed);
             let gate = linear_rows(&mid_normed, w(block.gate), c);
             let up = linear_rows(&mid_normed, w(block.up), c);
-            let mut gated = vec![0f32; n * f];
-            let swiglu = fused::swiglu_rows_keeping(gate, &up, &mut gated);
+            let mut gated = self.scratch.take(n * f);
+            let swiglu = fused::swiglu_rows_keeping(gate, &up, &mut gated, self.scratch.take(n * f));
             let mut next = mid.clone();
             linear_rows_add(&mut next, &gated, w(block.down), f);
-            drop(gated);
+            self.scratch.give([gated]);
             saved.push(BlockActivations {
                 x: std::mem::replace(&mut x, next),
                 normed,
@@ -242,7 +272,7 @@ impl LlamaBackprop {
                 swiglu,
             });
         }
-        let mut final_normed = vec![0f32; n * c];
+        let mut final_normed = self.scratch.take(n * c);
         fused::rms_norm_rows(&x, w(self.final_norm), eps, &mut final_normed);
         let head = w(self.lm_head.unwrap_or(self.embed));
         let mut logits = linear_rows(&final_normed, head, c);
@@ -258,19 +288,21 @@ impl LlamaBackprop {
         let d_logits = logits;
         let d_final_normed = input_grad(&d_logits, head, self.vocab);
         let d_head = weight_grad(&d_logits, self.vocab, &final_normed, c);
-        drop((d_logits, final_normed));
-        let mut dx = vec![0f32; n * c];
+        drop(d_logits);
+        self.scratch.give([final_normed]);
+        let mut dx = self.scratch.take(n * c);
         grads[self.final_norm] = fused::rms_norm_grad(&x, w(self.final_norm), &d_final_normed, eps, &mut dx, false);
         for (block, acts) in self.blocks.iter().zip(saved).rev() {
             // next = mid + gated W_down^T
             grads[block.down] = weight_grad(&dx, c, &acts.swiglu.output(&acts.up), f);
             let d_gated = input_grad(&dx, w(block.down), c);
-            let (mut d_gate, mut d_up) = (vec![0f32; n * f], vec![0f32; n * f]);
+            let (mut d_gate, mut d_up) = (self.scratch.take(n * f), self.scratch.take(n * f));
             acts.swiglu.grad(&acts.up, &d_gated, &mut d_gate, &mut d_up);
             grads[block.gate] = weight_grad(&d_gate, f, &acts.mid_normed, c);
             grads[block.up] = weight_grad(&d_up, f, &acts.mid_normed, c);
             let mut d_mid_normed = input_grad(&d_gate, w(block.gate), f);
             input_grad_add(&mut d_mid_normed, &d_up, w(block.up), f);
+            self.scratch.give([d_gate, d_up, acts.mid_normed, acts.swiglu.into_silu()]);
             // dx becomes the gradient of `mid`: the residual path plus the norm's.
             grads[block.post_norm] =
                 fused::rms_norm_grad(&acts.mid, w(block.post_norm), &d_mid_normed, eps, &mut dx, true);
@@ -288,6 +320,7 @@ impl LlamaBackprop {
             // dx becomes the gradient of the block's input.
             grads[block.input_norm] =
                 fused::rms_norm_grad(&acts.x, w(block.input_norm), &d_normed, eps, &mut dx, true);
+            self.scratch.give([acts.normed]);
         }
         // The embedding rows each input read, plus the output projection when tied.
         let mut d_embed = match self.lm_head {
@@ -303,6 +336,7 @@ impl LlamaBackprop {
             }
         }
         grads[self.embed] = d_embed;
+        self.scratch.give([dx]);
         drop(weights);
         drop(guards);
         let grads = grads

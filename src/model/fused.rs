@@ -27,6 +27,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::simd::simd_kernel;
+
 /// Whether the kernels here can take `xs`: f32 on the CPU.
 fn applies(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -91,34 +93,6 @@ fn exp(x: f32) -> f32 {
     e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
-/// Defines `fn $name` that runs its body compiled for AVX2 and FMA when the CPU has
-/// them, and for the crate's baseline (SSE2 on x86-64) otherwise: the hot loops then
-/// use vectors twice as wide. The body and the `#[inline(always)]` helpers it calls are
-/// inlined into each variant.
-macro_rules! simd_kernel {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn kernel($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    kernel($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `avx2` is compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            kernel($($arg),*)
-        }
-    };
-}
-
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums, so the compiler can keep them in vector registers.
@@ -131,6 +105,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum a_k b_k c_k`, in eight partial sums as [`dot`].
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8, c8) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let (ra, rb, rc) = (a8.remainder(), b8.remainder(), c8.remainder());
+    for ((x, y), z) in a8.zip(b8).zip(c8) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l] * z[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).zip(rc).map(|((x, y), z)| x * y * z).sum();
     acc.iter().sum::<f32>() + tail
 }
 
@@ -263,20 +252,23 @@ pub(super) fn rms_norm_rows(xs: &[f32], weight: &[f32], eps: f32, out: &mut [f32
     let c = weight.len();
     out.par_chunks_mut(c)
         .zip(xs.par_chunks(c))
-        .for_each(|(y, x)| {
-            let r = 1.0 / (dot(x, x) / c as f32 + eps).sqrt();
-            for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
-                *y = x * r * w;
-            }
-        });
+        .for_each(|(y, x)| rms_norm_row(x, weight, eps, y));
+}
+
+simd_kernel! {
+    /// One row of [`rms_norm_rows`].
+    fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
+        let r = 1.0 / (dot(x, x) / weight.len() as f32 + eps).sqrt();
+        for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
+            *y = x * r * w;
+        }
+    }
 }
 
 /// The backward pass of [`rms_norm_rows`] for the output gradient `g`: writes the
 /// input's gradient into `dx` (adds it when `add`) and returns the weight's.
 pub(super) fn rms_norm_grad(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32], add: bool) -> Vec<f32> {
     let c = w.len();
-    // d/dx_k of x_k r w_k with r = (mean(x^2) + eps)^(-1/2):
-    // dx = r (g w) - x r^3 mean(g w x);  dw = sum over rows of g x r.
     // dw sums over rows in fixed groups, added up in order: the result does not depend
     // on how rayon happens to split the work (training must be deterministic).
     let group = 64 * c;
@@ -285,19 +277,7 @@ pub(super) fn rms_norm_grad(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut 
         .zip(x.par_chunks(group).zip(g.par_chunks(group)))
         .map(|(dx, (x, g))| {
             let mut dw = vec![0f32; c];
-            for (dx, (x, g)) in dx.chunks_mut(c).zip(x.chunks(c).zip(g.chunks(c))) {
-                let r = 1.0 / (dot(x, x) / c as f32 + eps).sqrt();
-                let mut gwx = 0f32;
-                for k in 0..c {
-                    gwx += g[k] * w[k] * x[k];
-                    dw[k] += g[k] * x[k] * r;
-                }
-                let coeff = r * r * r * gwx / c as f32;
-                match add {
-                    true => (0..c).for_each(|k| dx[k] += r * g[k] * w[k] - x[k] * coeff),
-                    false => (0..c).for_each(|k| dx[k] = r * g[k] * w[k] - x[k] * coeff),
-                }
-            }
+            rms_norm_grad_rows([x, w, g], eps, dx, add, &mut dw);
             dw
         })
         .collect();
@@ -306,6 +286,29 @@ pub(super) fn rms_norm_grad(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut 
         axpy(1.0, part, &mut dw);
     }
     dw
+}
+
+simd_kernel! {
+    /// [`rms_norm_grad`] over the rows of `x` and `g`, the weight's gradient added into `dw`.
+    fn rms_norm_grad_rows(xwg: [&[f32]; 3], eps: f32, dx: &mut [f32], add: bool, dw: &mut [f32]) {
+        // d/dx_k of x_k r w_k with r = (mean(x^2) + eps)^(-1/2):
+        // dx = r (g w) - x r^3 mean(g w x);  dw = sum over rows of g x r.
+        let [x, w, g] = xwg;
+        let c = w.len();
+        for (dx, (x, g)) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c).zip(g.chunks_exact(c))) {
+            let r = 1.0 / (dot(x, x) / c as f32 + eps).sqrt();
+            let gwx = dot3(g, w, x);
+            for ((dw, &g), &x) in dw.iter_mut().zip(g).zip(x) {
+                *dw += g * x * r;
+            }
+            let coeff = r * r * r * gwx / c as f32;
+            let rows = dx.iter_mut().zip(g.iter().zip(w)).zip(x);
+            match add {
+                true => rows.for_each(|((dx, (g, w)), x)| *dx += r * g * w - x * coeff),
+                false => rows.for_each(|((dx, (g, w)), x)| *dx = r * g * w - x * coeff),
+            }
+        }
+    }
 }
 
 /// RMSNorm of `xs` (.., c) with `weight` (c), or `None` when the kernel does not apply.
@@ -453,9 +456,9 @@ pub(super) struct SwigluKept {
 }
 
 /// `silu(gate) * up` into `out`, keeping what [`SwigluKept::grad`] reads; `gate` is
-/// consumed.
-pub(super) fn swiglu_rows_keeping(mut gate: Vec<f32>, up: &[f32], out: &mut [f32]) -> SwigluKept {
-    let mut silu = vec![0f32; gate.len()];
+/// consumed, and so is `silu`, a buffer as long as `gate` whose entries are overwritten.
+pub(super) fn swiglu_rows_keeping(mut gate: Vec<f32>, up: &[f32], out: &mut [f32], mut silu: Vec<f32>) -> SwigluKept {
+    assert_eq!(silu.len(), gate.len(), "swiglu: the kept buffer's length");
     gate.par_chunks_mut(SWIGLU_CHUNK)
         .zip(up.par_chunks(SWIGLU_CHUNK))
         .zip(out.par_chunks_mut(SWIGLU_CHUNK).zip(silu.par_chunks_mut(SWIGLU_CHUNK)))
@@ -464,6 +467,11 @@ pub(super) fn swiglu_rows_keeping(mut gate: Vec<f32>, up: &[f32], out: &mut [f32
 }
 
 impl SwigluKept {
+    /// The buffer given to [`swiglu_rows_keeping`], for reuse.
+    pub(super) fn into_silu(self) -> Vec<f32> {
+        self.silu
+    }
+
     /// `silu(gate) * up` again, as the forward pass computed it.
     pub(super) fn output(&self, up: &[f32]) -> Vec<f32> {
         self.silu.iter().zip(up).map(|(s, u)| s * u).collect()
