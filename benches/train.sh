@@ -5,7 +5,10 @@
 #   benches/train.sh            # 2000 steps of configs/shakespeare-char.toml + the large config
 #   benches/train.sh --quick    # 200 steps, and 5 steps of the large config
 #
-# Environment: THREADS (default 1) sets RAYON_NUM_THREADS for nlp (candle's matmuls
+# Environment: ROUNDS (default 1) runs the shakespeare-char pair that many times, nlp
+# and PyTorch alternating, and prints each round's ratio and their median: on a shared
+# machine the load shifts between two runs, and alternating rounds spread that over both
+# tools. THREADS (default 1) sets RAYON_NUM_THREADS for nlp (candle's matmuls
 # and our kernels use rayon's pool) and torch.set_num_threads for PyTorch; both are
 # pinned (taskset) to the first THREADS cores when the machine has more.
 # Prints validation loss and training tokens/s (evaluation excluded) of both, the
@@ -20,6 +23,7 @@ if [ "${1:-}" = "--quick" ]; then
   LARGE_STEPS=5
 fi
 THREADS="${THREADS:-1}"
+ROUNDS="${ROUNDS:-1}"
 CORPUS="$SHARED/data/tinyshakespeare.txt"
 
 # As common.sh's `measure`, printing "seconds peak_kib user_seconds system_seconds".
@@ -59,27 +63,36 @@ print(doc[sys.argv[1]])
 PYEOF
 }
 
-echo "== shakespeare-char: dim 128, 4 layers, 4 heads, hidden 352, seq 64, batch 12, $STEPS steps, $THREADS thread(s)"
-rm -rf "$OUT/train-run"
-measure_cpu "${nlp_train[@]}" --set "train.steps=$STEPS" train "$CORPUS" -o "$OUT/train-run" > "$OUT/time-nlp-small.txt"
-cp "$OUT/last.log" "$OUT/nlp-small.json"
-measure_cpu "${pin[@]}" "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" --steps "$STEPS" \
-  --threads "$THREADS" > "$OUT/time-torch-small.txt"
-cp "$OUT/last.log" "$OUT/torch-small.json"
+echo "== shakespeare-char: dim 128, 4 layers, 4 heads, hidden 352, seq 64, batch 12, $STEPS steps, $THREADS thread(s), $ROUNDS round(s)"
 # CPU seconds (user + system) of a whole run, start-up and evaluation included: on a
-# shared machine the wall-clock tokens/s above it swings with the load, this far less.
+# shared machine the wall-clock tokens/s swings with the load, this far less.
 cpu_seconds() { awk '{ print $3 + $4 }' "$1"; }
 tokens=$((STEPS * 12 * 64))
-nlp_cpu=$(cpu_seconds "$OUT/time-nlp-small.txt")
-torch_cpu=$(cpu_seconds "$OUT/time-torch-small.txt")
-nlp_val=$(json_field final_val_loss "$OUT/nlp-small.json")
-nlp_tps=$(json_field tokens_per_s "$OUT/nlp-small.json")
-torch_val=$(json_field val_loss "$OUT/torch-small.json")
-torch_tps=$(json_field tokens_per_s "$OUT/torch-small.json")
-printf "%-8s val loss %.4f  train tokens/s %8.0f\n" nlp "$nlp_val" "$nlp_tps" PyTorch "$torch_val" "$torch_tps"
-echo "tokens/s ratio nlp/PyTorch: $(ratio "$nlp_tps" "$torch_tps")"
-printf "whole run, tokens per CPU second: nlp %.0f, PyTorch %.0f, ratio %s\n" \
-  "$(ratio "$tokens" "$nlp_cpu")" "$(ratio "$tokens" "$torch_cpu")" "$(ratio "$torch_cpu" "$nlp_cpu")"
+round_ratios=()
+for round in $(seq "$ROUNDS"); do
+  rm -rf "$OUT/train-run"
+  measure_cpu "${nlp_train[@]}" --set "train.steps=$STEPS" train "$CORPUS" -o "$OUT/train-run" > "$OUT/time-nlp-small.txt"
+  cp "$OUT/last.log" "$OUT/nlp-small.json"
+  measure_cpu "${pin[@]}" "$PY" "$ROOT/benches/train_ref.py" --corpus "$CORPUS" --steps "$STEPS" \
+    --threads "$THREADS" > "$OUT/time-torch-small.txt"
+  cp "$OUT/last.log" "$OUT/torch-small.json"
+  nlp_cpu=$(cpu_seconds "$OUT/time-nlp-small.txt")
+  torch_cpu=$(cpu_seconds "$OUT/time-torch-small.txt")
+  nlp_val=$(json_field final_val_loss "$OUT/nlp-small.json")
+  nlp_tps=$(json_field tokens_per_s "$OUT/nlp-small.json")
+  torch_val=$(json_field val_loss "$OUT/torch-small.json")
+  torch_tps=$(json_field tokens_per_s "$OUT/torch-small.json")
+  echo "-- round $round"
+  printf "%-8s val loss %.4f  train tokens/s %8.0f\n" nlp "$nlp_val" "$nlp_tps" PyTorch "$torch_val" "$torch_tps"
+  round_ratios+=("$(ratio "$nlp_tps" "$torch_tps")")
+  echo "tokens/s ratio nlp/PyTorch: ${round_ratios[-1]}"
+  printf "whole run, tokens per CPU second: nlp %.0f, PyTorch %.0f, ratio %s\n" \
+    "$(ratio "$tokens" "$nlp_cpu")" "$(ratio "$tokens" "$torch_cpu")" "$(ratio "$torch_cpu" "$nlp_cpu")"
+done
+if [ "$ROUNDS" -gt 1 ]; then
+  median=$(printf "%s\n" "${round_ratios[@]}" | sort -n | awk '{ r[NR] = $1 } END { print (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }')
+  echo "tokens/s ratios by round: ${round_ratios[*]}; median $median"
+fi
 
 echo "== large: dim 384, 6 layers, 6 heads, hidden 1024, seq 256, batch 16, $LARGE_STEPS steps"
 large=(--set model.dim=384 --set model.n_layers=6 --set model.n_heads=6 --set model.hidden=1024
