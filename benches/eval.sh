@@ -13,11 +13,15 @@
 # loaded: transformers over its window loop, nlp by the `seconds` its report gives.
 # The last column is nlp's whole command, process start and loading included.
 # Usage: bash benches/eval.sh [TOKENS] [CONTEXT] [STRIDE]   (default 8192 1024 512)
+# Environment: ROUNDS (default 1) runs each model's pair that many times, transformers
+# and nlp alternating, one row per round, then each model's median ratio: on a shared
+# machine one pair of runs can swing by 20% either way.
 source "$(dirname "$0")/common.sh"
 
 tokens="${1:-8192}"
 context="${2:-1024}"
 stride="${3:-512}"
+ROUNDS="${ROUNDS:-1}"
 dir="$OUT/eval"
 mkdir -p "$dir"
 
@@ -69,9 +73,11 @@ except Exception:
     ids = [index[c] for c in text]
 open(out, "w").write(" ".join(map(str, ids[:n])) + "\n")
 PY
-  # Command substitution waits for Python to exit, so that its shutdown does not run
-  # beside nlp's timed scoring.
-  hf=$("$VENV/bin/python" - "$model" "$ids" "$context" "$stride" <<'PY'
+  ratios=()
+  for round in $(seq "$ROUNDS"); do
+    # Command substitution waits for Python to exit, so that its shutdown does not run
+    # beside nlp's timed scoring.
+    hf=$("$VENV/bin/python" - "$model" "$ids" "$context" "$stride" <<'PY'
 import sys, time, torch
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(2)
@@ -99,12 +105,18 @@ for begin in range(0, seq_len, stride):
 seconds = time.perf_counter() - started
 print(f"{nll_sum / n_tokens:.6f} {n_tokens / seconds:.1f}")
 PY
-)
-  read -r hf_nll hf_tps <<< "$hf"
-  started=$(date +%s.%N)
-  report=$(RAYON_NUM_THREADS=2 "$NLP" --json eval --perplexity -m "$model" --ids "$ids" --context "$context" --stride "$stride")
-  finished=$(date +%s.%N)
-  read -r nlp_tokens nlp_nll nlp_tps < <(echo "$report" | "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin); print(r["tokens"], "%.6f" % r["mean_nll"], "%.1f" % r["tokens_per_s"])')
-  command_tps=$(awk -v n="$nlp_tokens" -v a="$started" -v b="$finished" 'BEGIN { printf "%.1f", n / (b - a) }')
-  printf '%-16s %8s %8s %12s %12s %12s %12s %8s %14s\n' "$name" "$nlp_tokens" "$context/$stride" "$nlp_nll" "$hf_nll" "$nlp_tps" "$hf_tps" "$(ratio "$nlp_tps" "$hf_tps")" "$command_tps"
+    )
+    read -r hf_nll hf_tps <<< "$hf"
+    started=$(date +%s.%N)
+    report=$(RAYON_NUM_THREADS=2 "$NLP" --json eval --perplexity -m "$model" --ids "$ids" --context "$context" --stride "$stride")
+    finished=$(date +%s.%N)
+    read -r nlp_tokens nlp_nll nlp_tps < <(echo "$report" | "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin); print(r["tokens"], "%.6f" % r["mean_nll"], "%.1f" % r["tokens_per_s"])')
+    command_tps=$(awk -v n="$nlp_tokens" -v a="$started" -v b="$finished" 'BEGIN { printf "%.1f", n / (b - a) }')
+    printf '%-16s %8s %8s %12s %12s %12s %12s %8s %14s\n' "$name" "$nlp_tokens" "$context/$stride" "$nlp_nll" "$hf_nll" "$nlp_tps" "$hf_tps" "$(ratio "$nlp_tps" "$hf_tps")" "$command_tps"
+    ratios+=("$(ratio "$nlp_tps" "$hf_tps")")
+  done
+  if [ "$ROUNDS" -gt 1 ]; then
+    median=$(printf "%s\n" "${ratios[@]}" | sort -n | awk '{ r[NR] = $1 } END { print (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }')
+    echo "$name: tokens/s ratios by round: ${ratios[*]}; median $median"
+  fi
 done
