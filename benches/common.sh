@@ -73,6 +73,11 @@ ratio() {
   awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'
 }
 
+# The median of the numbers given as arguments.
+median() {
+  printf "%s\n" "$@" | sort -n | awk '{ r[NR] = $1 } END { print (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }'
+}
+
 # KenLM's lmplz, query and build_binary, built from the source that the PyPI
 # package `kenlm` ships (needs cmake, Boost and zlib from Debian's packages:
 # cmake libboost-program-options-dev libboost-system-dev libboost-thread-dev

@@ -112,11 +112,10 @@ PY
     finished=$(date +%s.%N)
     read -r nlp_tokens nlp_nll nlp_tps < <(echo "$report" | "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin); print(r["tokens"], "%.6f" % r["mean_nll"], "%.1f" % r["tokens_per_s"])')
     command_tps=$(awk -v n="$nlp_tokens" -v a="$started" -v b="$finished" 'BEGIN { printf "%.1f", n / (b - a) }')
-    printf '%-16s %8s %8s %12s %12s %12s %12s %8s %14s\n' "$name" "$nlp_tokens" "$context/$stride" "$nlp_nll" "$hf_nll" "$nlp_tps" "$hf_tps" "$(ratio "$nlp_tps" "$hf_tps")" "$command_tps"
     ratios+=("$(ratio "$nlp_tps" "$hf_tps")")
+    printf '%-16s %8s %8s %12s %12s %12s %12s %8s %14s\n' "$name" "$nlp_tokens" "$context/$stride" "$nlp_nll" "$hf_nll" "$nlp_tps" "$hf_tps" "${ratios[-1]}" "$command_tps"
   done
   if [ "$ROUNDS" -gt 1 ]; then
-    median=$(printf "%s\n" "${ratios[@]}" | sort -n | awk '{ r[NR] = $1 } END { print (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }')
-    echo "$name: tokens/s ratios by round: ${ratios[*]}; median $median"
+    echo "$name: tokens/s ratios by round: ${ratios[*]}; median $(median "${ratios[@]}")"
   fi
 done

@@ -90,8 +90,7 @@ for round in $(seq "$ROUNDS"); do
     "$(ratio "$tokens" "$nlp_cpu")" "$(ratio "$tokens" "$torch_cpu")" "$(ratio "$torch_cpu" "$nlp_cpu")"
 done
 if [ "$ROUNDS" -gt 1 ]; then
-  median=$(printf "%s\n" "${round_ratios[@]}" | sort -n | awk '{ r[NR] = $1 } END { print (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }')
-  echo "tokens/s ratios by round: ${round_ratios[*]}; median $median"
+  echo "tokens/s ratios by round: ${round_ratios[*]}; median $(median "${round_ratios[@]}")"
 fi
 
 echo "== large: dim 384, 6 layers, 6 heads, hidden 1024, seq 256, batch 16, $LARGE_STEPS steps"
