@@ -36,7 +36,7 @@ impl<'a> Strided<'a> {
         Strided { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
     }
 
-    pub(super) fn fits(&self) -> bool {
+    fn fits(&self) -> bool {
         self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
 }
