@@ -18,7 +18,7 @@ use candle_core::{Device, Storage, Tensor, Var};
 use super::config::ModelConfig;
 use super::fused::{
     self, input_grad, input_grad_add, linear_rows, linear_rows_add, weight_grad, CausalAttention, RopeTables,
-    SavedMap, SwigluKept,
+    Products, SavedMap, SwigluKept,
 };
 use super::rope::Rotary;
 use crate::{Error, Result};
@@ -102,6 +102,8 @@ pub(crate) struct LlamaBackprop {
     final_norm: usize,
     /// `None` when the output projection is the embedding (tied weights).
     lm_head: Option<usize>,
+    /// The arithmetic of the linear layers' products, forward and backward.
+    products: Products,
     scratch: Scratch,
 }
 
@@ -109,8 +111,9 @@ impl LlamaBackprop {
     /// The pass for a model of `cfg` whose weights are `vars` (named as
     /// [`super::Transformer::named_tensors`] names them), or `None` where it does not
     /// apply: another architecture, dropout, biases, another dtype or device, or
-    /// variables it does not know (candle's autograd then trains the model).
-    pub(crate) fn new(cfg: &ModelConfig, vars: &[(String, Var)]) -> Option<LlamaBackprop> {
+    /// variables it does not know (candle's autograd then trains the model). The linear
+    /// layers' products run in the arithmetic `products` names; everything else in f32.
+    pub(crate) fn new(cfg: &ModelConfig, vars: &[(String, Var)], products: Products) -> Option<LlamaBackprop> {
         let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         if !cfg.is_llama()
             || cfg.dropout != 0.0
@@ -172,6 +175,7 @@ impl LlamaBackprop {
             blocks,
             final_norm: find("model.norm.weight", &[c])?,
             lm_head,
+            products,
             scratch: Scratch::default(),
         })
     }
@@ -237,9 +241,9 @@ impl LlamaBackprop {
         for block in &self.blocks {
             let mut normed = self.scratch.take(n * c);
             fused::rms_norm_rows(&x, w(block.input_norm), eps, &mut normed);
-            let q = linear_rows(&normed, w(block.q), c);
-            let k = linear_rows(&normed, w(block.k), c);
-            let v = linear_rows(&normed, w(block.v), c);
+            let q = linear_rows(self.products, &normed, w(block.q), c);
+            let k = linear_rows(self.products, &normed, w(block.k), c);
+            let v = linear_rows(self.products, &normed, w(block.v), c);
             let (attention_out, attention_maps) = match keep_maps {
                 true => {
                     let (out, maps) = attention.forward_rows_keeping(&q, &k, &v, t)?;
@@ -248,15 +252,15 @@ impl LlamaBackprop {
                 false => (attention.forward_rows(&q, &k, &v, t)?, None),
             };
             let mut mid = x.clone();
-            linear_rows_add(&mut mid, &attention_out, w(block.o), q_width);
+            linear_rows_add(self.products, &mut mid, &attention_out, w(block.o), q_width);
             let mut mid_normed = self.scratch.take(n * c);
             fused::rms_norm_rows(&mid, w(block.post_norm), eps, &mut mid_normed);
-            let gate = linear_rows(&mid_normed, w(block.gate), c);
-            let up = linear_rows(&mid_normed, w(block.up), c);
+            let gate = linear_rows(self.products, &mid_normed, w(block.gate), c);
+            let up = linear_rows(self.products, &mid_normed, w(block.up), c);
             let mut gated = self.scratch.take(n * f);
             let swiglu = fused::swiglu_rows_keeping(gate, &up, &mut gated, self.scratch.take(n * f));
             let mut next = mid.clone();
-            linear_rows_add(&mut next, &gated, w(block.down), f);
+            linear_rows_add(self.products, &mut next, &gated, w(block.down), f);
             self.scratch.give([gated]);
             saved.push(BlockActivations {
                 x: std::mem::replace(&mut x, next),
@@ -275,7 +279,7 @@ impl LlamaBackprop {
         let mut final_normed = self.scratch.take(n * c);
         fused::rms_norm_rows(&x, w(self.final_norm), eps, &mut final_normed);
         let head = w(self.lm_head.unwrap_or(self.embed));
-        let mut logits = linear_rows(&final_normed, head, c);
+        let mut logits = linear_rows(self.products, &final_normed, head, c);
         // The logits become their own gradient: d(scale * mean loss) / d logits.
         let total = fused::cross_entropy_grad_in_place(&mut logits, targets, scale / n as f32);
         let loss = (total / n as f64) as f32;
@@ -286,37 +290,37 @@ impl LlamaBackprop {
         // Backward, from the output down.
         let mut grads: Vec<Vec<f32>> = vec![Vec::new(); vars.len()];
         let d_logits = logits;
-        let d_final_normed = input_grad(&d_logits, head, self.vocab);
-        let d_head = weight_grad(&d_logits, self.vocab, &final_normed, c);
+        let d_final_normed = input_grad(self.products, &d_logits, head, self.vocab);
+        let d_head = weight_grad(self.products, &d_logits, self.vocab, &final_normed, c);
         drop(d_logits);
         self.scratch.give([final_normed]);
         let mut dx = self.scratch.take(n * c);
         grads[self.final_norm] = fused::rms_norm_grad(&x, w(self.final_norm), &d_final_normed, eps, &mut dx, false);
         for (block, acts) in self.blocks.iter().zip(saved).rev() {
             // next = mid + gated W_down^T
-            grads[block.down] = weight_grad(&dx, c, &acts.swiglu.output(&acts.up), f);
-            let d_gated = input_grad(&dx, w(block.down), c);
+            grads[block.down] = weight_grad(self.products, &dx, c, &acts.swiglu.output(&acts.up), f);
+            let d_gated = input_grad(self.products, &dx, w(block.down), c);
             let (mut d_gate, mut d_up) = (self.scratch.take(n * f), self.scratch.take(n * f));
             acts.swiglu.grad(&acts.up, &d_gated, &mut d_gate, &mut d_up);
-            grads[block.gate] = weight_grad(&d_gate, f, &acts.mid_normed, c);
-            grads[block.up] = weight_grad(&d_up, f, &acts.mid_normed, c);
-            let mut d_mid_normed = input_grad(&d_gate, w(block.gate), f);
-            input_grad_add(&mut d_mid_normed, &d_up, w(block.up), f);
+            grads[block.gate] = weight_grad(self.products, &d_gate, f, &acts.mid_normed, c);
+            grads[block.up] = weight_grad(self.products, &d_up, f, &acts.mid_normed, c);
+            let mut d_mid_normed = input_grad(self.products, &d_gate, w(block.gate), f);
+            input_grad_add(self.products, &mut d_mid_normed, &d_up, w(block.up), f);
             self.scratch.give([d_gate, d_up, acts.mid_normed, acts.swiglu.into_silu()]);
             // dx becomes the gradient of `mid`: the residual path plus the norm's.
             grads[block.post_norm] =
                 fused::rms_norm_grad(&acts.mid, w(block.post_norm), &d_mid_normed, eps, &mut dx, true);
             // mid = x + attention W_o^T
-            grads[block.o] = weight_grad(&dx, c, &acts.attention, q_width);
-            let d_attention = input_grad(&dx, w(block.o), c);
+            grads[block.o] = weight_grad(self.products, &dx, c, &acts.attention, q_width);
+            let d_attention = input_grad(self.products, &dx, w(block.o), c);
             let rows = [&acts.q[..], &acts.k, &acts.v, &acts.attention, &d_attention];
             let (dq, dk, dv) = attention.backward_rows(rows, t, acts.attention_maps.as_deref())?;
-            grads[block.q] = weight_grad(&dq, q_width, &acts.normed, c);
-            grads[block.k] = weight_grad(&dk, kv_width, &acts.normed, c);
-            grads[block.v] = weight_grad(&dv, kv_width, &acts.normed, c);
-            let mut d_normed = input_grad(&dq, w(block.q), q_width);
-            input_grad_add(&mut d_normed, &dk, w(block.k), kv_width);
-            input_grad_add(&mut d_normed, &dv, w(block.v), kv_width);
+            grads[block.q] = weight_grad(self.products, &dq, q_width, &acts.normed, c);
+            grads[block.k] = weight_grad(self.products, &dk, kv_width, &acts.normed, c);
+            grads[block.v] = weight_grad(self.products, &dv, kv_width, &acts.normed, c);
+            let mut d_normed = input_grad(self.products, &dq, w(block.q), q_width);
+            input_grad_add(self.products, &mut d_normed, &dk, w(block.k), kv_width);
+            input_grad_add(self.products, &mut d_normed, &dv, w(block.v), kv_width);
             // dx becomes the gradient of the block's input.
             grads[block.input_norm] =
                 fused::rms_norm_grad(&acts.x, w(block.input_norm), &d_normed, eps, &mut dx, true);

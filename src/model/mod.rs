@@ -48,6 +48,7 @@ pub use attention::KvCache;
 pub use config::{Activation, ModelConfig, NormKind, NormPosition, PositionKind};
 pub use dropout::DropoutRng;
 pub(crate) use fused::cross_entropy as fused_cross_entropy;
+pub(crate) use fused::{has_bf16_kernel, Products};
 pub use params::{param_count, tensor_shapes, training_memory, TrainingMemory};
 pub use recompute::ActivationCheckpointing;
 pub use state::{slid_window, TransformerState};

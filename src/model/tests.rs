@@ -957,7 +957,7 @@ fn hand_written_backprop_matches_autograd() {
             .unwrap();
         let expected = (&loss * scale).unwrap().backward().unwrap();
 
-        let backprop = backprop::LlamaBackprop::new(&cfg, &vars).expect("a Llama model");
+        let backprop = backprop::LlamaBackprop::new(&cfg, &vars, fused::Products::F32).expect("a Llama model");
         // Earlier steps on other ids, one of them with more positions, leave buffers with other
         // contents for this step to reuse.
         for (rows, len) in [(b, t), (b + 1, t - 2)] {
@@ -979,20 +979,56 @@ fn hand_written_backprop_matches_autograd() {
 }
 
 #[test]
+fn bf16_backprop_stays_within_bf16_rounding_of_autograd() {
+    // Mixed precision rounds both operands of every linear layer's product to bf16
+    // (8 significant bits, a relative step of 2^-8): the loss and every gradient stay
+    // within a few of those steps of the f32 autograd values, and differ from them.
+    let cfg = small(PositionKind::Rope);
+    let (model, vars) = trainable(&cfg);
+    let (b, t) = (3, 9);
+    let ids = random_ids(b, t + 1, cfg.vocab_size, 23);
+    let rows: Vec<&[u32]> = ids.chunks(t + 1).collect();
+    let inputs: Vec<u32> = rows.iter().flat_map(|row| &row[..t]).copied().collect();
+    let targets: Vec<u32> = rows.iter().flat_map(|row| &row[1..]).copied().collect();
+    let input_ids = Tensor::from_vec(inputs.clone(), (b, t), &Device::Cpu).unwrap();
+    let target_ids = Tensor::from_vec(targets.clone(), b * t, &Device::Cpu).unwrap();
+    let logits = model.forward_train(&input_ids, &DropoutRng::new(0), None).unwrap();
+    let loss = fused_cross_entropy(&logits.reshape((b * t, cfg.vocab_size)).unwrap(), &target_ids)
+        .unwrap()
+        .unwrap();
+    let expected = loss.backward().unwrap();
+    let reference = loss.to_scalar::<f32>().unwrap();
+
+    let backprop = backprop::LlamaBackprop::new(&cfg, &vars, fused::Products::Bf16).expect("a Llama model");
+    let (ours, grads) = backprop.loss_and_grads(&vars, &inputs, &targets, t, 1.0).unwrap();
+    assert!((ours - reference).abs() < 1e-2 * reference, "loss {ours} against {reference}");
+    let mut largest_relative = 0f32;
+    for ((name, var), grad) in vars.iter().zip(&grads) {
+        let autograd = expected.get(var.as_tensor()).unwrap();
+        let size = autograd.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_abs_diff(grad, autograd);
+        assert!(diff <= 3e-2 * size, "{name} differs by {diff} (largest {size})");
+        largest_relative = largest_relative.max(diff / size);
+    }
+    eprintln!("bf16 against f32 autograd: loss {ours} vs {reference}, largest relative gradient difference {largest_relative}");
+    assert!(largest_relative > 1e-4, "no gradient moved: the products did not round ({largest_relative})");
+}
+
+#[test]
 fn hand_written_backprop_takes_only_the_plain_llama_recipe() {
     for (name, cfg) in variants() {
         let (_, vars) = trainable(&cfg);
-        let applies = backprop::LlamaBackprop::new(&cfg, &vars).is_some();
+        let applies = backprop::LlamaBackprop::new(&cfg, &vars, fused::Products::F32).is_some();
         let plain = cfg.position == PositionKind::Rope && name == "llama";
         assert_eq!(applies, plain, "{name} {:?}", cfg.position);
     }
     let cfg = ModelConfig { dropout: 0.1, ..small(PositionKind::Rope) };
     let (_, vars) = trainable(&cfg);
-    assert!(backprop::LlamaBackprop::new(&cfg, &vars).is_none(), "dropout");
+    assert!(backprop::LlamaBackprop::new(&cfg, &vars, fused::Products::F32).is_none(), "dropout");
     // A variable it does not know (an adapter, say) leaves the model to autograd.
     let cfg = small(PositionKind::Rope);
     let (_, mut vars) = trainable(&cfg);
     let extra = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
     vars.push(("extra".into(), extra));
-    assert!(backprop::LlamaBackprop::new(&cfg, &vars).is_none(), "an unknown variable");
+    assert!(backprop::LlamaBackprop::new(&cfg, &vars, fused::Products::F32).is_none(), "an unknown variable");
 }

@@ -126,7 +126,9 @@ pub struct TrainSection {
     pub checkpoint_every: u64,
     /// Write a metrics line and report progress every N steps.
     pub log_every: u64,
-    /// "auto" (bf16-mixed on a GPU, f32 on the CPU), "f32" or "bf16-mixed".
+    /// "auto" (bf16-mixed on a GPU, f32 on the CPU), "f32" or "bf16-mixed" (on the CPU:
+    /// the linear layers' products with bf16 operands and f32 sums, in the hand-written
+    /// pass of the Llama recipe).
     pub precision: String,
     /// Keep only each block's input for the backward pass and recompute the rest
     /// (activation checkpointing): much less activation memory for about a third more
@@ -302,12 +304,11 @@ pub enum Precision {
 }
 
 impl TrainSection {
-    /// The precision to train in on `device`: "auto" is bf16-mixed on a GPU, f32 on the CPU.
+    /// The precision to train in on `device`: "auto" is bf16-mixed on a GPU, f32 on the
+    /// CPU (where bf16-mixed is for the hand-written pass of the Llama recipe only).
     pub fn precision_on(&self, device: &candle_core::Device) -> Precision {
         match (self.precision.as_str(), device.is_cpu()) {
             ("f32", _) | ("auto", true) => Precision::F32,
-            // candle's CPU bf16 matmul is slow and its backward is incomplete: f32 there.
-            ("bf16-mixed", true) => Precision::F32,
             _ => Precision::Bf16Mixed,
         }
     }

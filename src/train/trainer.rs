@@ -10,9 +10,10 @@
 //! alone (the same validation windows at every evaluation). So on the CPU the same
 //! config gives the same losses, and a resumed run the losses of an uninterrupted one.
 //!
-//! With `precision = bf16-mixed` (GPUs) the weights and AdamW stay in f32 and each step
+//! With `precision = bf16-mixed` the weights and AdamW stay in f32. On a GPU each step
 //! runs the model on a bf16 copy (`to_dtype` is differentiable, so the gradients arrive
-//! in f32), as PyTorch's autocast does.
+//! in f32), as PyTorch's autocast does; on the CPU the hand-written pass multiplies
+//! bf16-rounded operands with f32 sums in its linear layers.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use super::token_file::{self, TokenDtype, TokenFile};
 use super::{interrupt, vocab};
 use crate::fsutil::write_atomic;
 use crate::model::backprop::LlamaBackprop;
+use crate::model::{has_bf16_kernel, Products};
 use crate::model::{
     fused_cross_entropy, param_count, training_memory, ModelConfig, TrainingMemory, Transformer,
 };
@@ -389,10 +391,30 @@ pub fn run_with_control(
         .collect();
     // The plain Llama recipe in f32 on the CPU trains through the hand-written pass;
     // checkpointed activations (recomputed to save memory) go through autograd.
-    let backprop = match (precision, train.checkpoint_activations) {
-        (Precision::F32, false) => LlamaBackprop::new(&cfg, &vars),
+    // Mixed precision on the CPU is that pass with bf16 products: candle's own CPU bf16
+    // products are slow and some of their gradients missing.
+    let backprop = match (precision, train.checkpoint_activations, device.is_cpu()) {
+        (Precision::F32, false, _) => LlamaBackprop::new(&cfg, &vars, Products::F32),
+        (Precision::Bf16Mixed, false, true) => LlamaBackprop::new(&cfg, &vars, Products::Bf16),
         _ => None,
     };
+    if precision == Precision::Bf16Mixed && device.is_cpu() {
+        if backprop.is_none() {
+            return Err(config_error(
+                "train.precision",
+                "\"bf16-mixed\" on the CPU needs the plain Llama recipe (RMSNorm before each \
+                 sublayer, RoPE, SwiGLU, no biases, no dropout) with checkpoint_activations = \
+                 false; train this model in \"f32\""
+                    .into(),
+            ));
+        }
+        if !has_bf16_kernel() {
+            tracing::warn!(
+                "this CPU has no AVX512-BF16: bf16-mixed rounds the operands and multiplies in f32 \
+                 (the same values, slower than precision = \"f32\")"
+            );
+        }
+    }
     tracing::debug!("backward pass: {}", if backprop.is_some() { "hand-written" } else { "autograd" });
     let schedule = LrSchedule {
         schedule: match train.schedule.as_str() {

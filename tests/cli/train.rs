@@ -104,6 +104,45 @@ fn checkpointed_activations_give_the_same_losses() {
     }
 }
 
+#[test]
+fn bf16_mixed_precision_trains_on_the_cpu_beside_f32() {
+    let sandbox = Sandbox::new();
+    let corpus = small_corpus(&sandbox);
+    for precision in ["f32", "bf16-mixed"] {
+        let setting = format!("train.precision=\"{precision}\"");
+        let out = sandbox
+            .nlp()
+            .args(TINY)
+            .args(["--set", &setting, "--json", "train", &corpus, "-o", precision, "--steps", "40"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        assert_eq!(summary["precision"], precision);
+    }
+    // Rounding the products' operands to bf16 moves each loss by far less than
+    // training lowers it.
+    let (full, mixed) = (train_losses(&sandbox.path().join("f32")), train_losses(&sandbox.path().join("bf16-mixed")));
+    assert_eq!(mixed.len(), 40);
+    for ((step, a), (_, b)) in full.iter().zip(&mixed) {
+        assert!((a - b).abs() < 0.05, "step {step}: f32 {a} vs bf16-mixed {b}");
+    }
+    let mean = |losses: &[(u64, f64)]| losses.iter().map(|l| l.1).sum::<f64>() / losses.len() as f64;
+    assert!(mean(&mixed[35..]) < mean(&mixed[..5]) - 0.2, "{mixed:?}");
+    assert!(full.iter().zip(&mixed).any(|((_, a), (_, b))| a != b), "bf16-mixed gave the f32 losses");
+
+    // Other architectures train through autograd, where the CPU has no bf16 path.
+    let out = sandbox
+        .nlp()
+        .args(TINY)
+        .args(["--set", "model.norm=\"layer\"", "--set", "train.precision=\"bf16-mixed\""])
+        .args(["train", &corpus, "-o", "layer-norm", "--steps", "2"])
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out);
+    assert!(err.contains("train.precision"), "{err}");
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_losses() {

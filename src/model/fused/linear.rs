@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{matmul_on, parallelism, product, row_major, PARALLEL_FROM};
+use super::matmul::{matmul_on, parallelism, product, row_major, Products, PARALLEL_FROM};
 use super::rows::dot;
 use super::{applies, slice, with_host};
 use crate::simd::simd_kernel;
@@ -17,35 +17,35 @@ use crate::simd::simd_kernel;
 struct FusedLinear;
 
 /// `x W^T` for `x` (n, in) and `w` (out, in), as a new (n, out) matrix.
-pub(crate) fn linear_rows(x: &[f32], w: &[f32], in_features: usize) -> Vec<f32> {
+pub(crate) fn linear_rows(products: Products, x: &[f32], w: &[f32], in_features: usize) -> Vec<f32> {
     let (x, w) = (row_major(x, in_features), row_major(w, in_features));
-    product(parallelism(x.rows * x.cols * w.rows), x, w.t(), 1.0)
+    product(products, parallelism(x.rows * x.cols * w.rows), x, w.t(), 1.0)
 }
 
 /// `y += x W^T` for `x` (n, in), `w` (out, in) and `y` (n, out).
-pub(crate) fn linear_rows_add(y: &mut [f32], x: &[f32], w: &[f32], in_features: usize) {
+pub(crate) fn linear_rows_add(products: Products, y: &mut [f32], x: &[f32], w: &[f32], in_features: usize) {
     let (x, w) = (row_major(x, in_features), row_major(w, in_features));
-    matmul_on(parallelism(x.rows * x.cols * w.rows), y, w.rows, true, x, w.t(), 1.0);
+    matmul_on(products, parallelism(x.rows * x.cols * w.rows), y, w.rows, true, x, w.t(), 1.0);
 }
 
 /// The gradient `dy W` (n, in) of the input of `x W^T`, given `dy` (n, out) and `w`
 /// (out, in).
-pub(crate) fn input_grad(dy: &[f32], w: &[f32], out_features: usize) -> Vec<f32> {
+pub(crate) fn input_grad(products: Products, dy: &[f32], w: &[f32], out_features: usize) -> Vec<f32> {
     let (dy, w) = (row_major(dy, out_features), row_major(w, w.len() / out_features));
-    product(parallelism(dy.rows * dy.cols * w.cols), dy, w, 1.0)
+    product(products, parallelism(dy.rows * dy.cols * w.cols), dy, w, 1.0)
 }
 
 /// `dx += dy W`: as [`input_grad`], added into `dx`.
-pub(crate) fn input_grad_add(dx: &mut [f32], dy: &[f32], w: &[f32], out_features: usize) {
+pub(crate) fn input_grad_add(products: Products, dx: &mut [f32], dy: &[f32], w: &[f32], out_features: usize) {
     let (dy, w) = (row_major(dy, out_features), row_major(w, w.len() / out_features));
-    matmul_on(parallelism(dy.rows * dy.cols * w.cols), dx, w.cols, true, dy, w, 1.0);
+    matmul_on(products, parallelism(dy.rows * dy.cols * w.cols), dx, w.cols, true, dy, w, 1.0);
 }
 
 /// The gradient `dy^T x` (out, in) of the weight of `x W^T`, given `dy` (n, out) and
 /// `x` (n, in).
-pub(crate) fn weight_grad(dy: &[f32], out_features: usize, x: &[f32], in_features: usize) -> Vec<f32> {
+pub(crate) fn weight_grad(products: Products, dy: &[f32], out_features: usize, x: &[f32], in_features: usize) -> Vec<f32> {
     let (dy, x) = (row_major(dy, out_features), row_major(x, in_features));
-    product(parallelism(dy.rows * dy.cols * x.cols), dy.t(), x, 1.0)
+    product(products, parallelism(dy.rows * dy.cols * x.cols), dy.t(), x, 1.0)
 }
 
 impl CustomOp2 for FusedLinear {
@@ -62,7 +62,7 @@ impl CustomOp2 for FusedLinear {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let (out_features, k) = l2.shape().dims2()?;
-        let y = linear_rows(x, w, k);
+        let y = linear_rows(Products::F32, x, w, k);
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("at least one dimension") = out_features;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -80,8 +80,8 @@ impl CustomOp2 for FusedLinear {
         // under LoRA) gets none, and its product would be as large as the forward's.
         let (want_dx, want_dw) = (x.track_op(), w.track_op());
         let (dx, dw) = with_host([x, w, grad], self.name(), |[x, w, g]| {
-            let dx = want_dx.then(|| input_grad(g, w, out_features));
-            let dw = want_dw.then(|| weight_grad(g, out_features, x, k));
+            let dx = want_dx.then(|| input_grad(Products::F32, g, w, out_features));
+            let dw = want_dw.then(|| weight_grad(Products::F32, g, out_features, x, k));
             Ok((dx, dw))
         })?;
         Ok((

@@ -14,7 +14,8 @@
 //! - [`linear`]: `x W^T`, over many rows or a few;
 //! - [`scoring`]: cross-entropy for training, and log-probabilities of targets for
 //!   evaluation;
-//! - [`matmul`] and [`rows`]: the matrix products and row arithmetic they share.
+//! - [`matmul`] and [`rows`]: the matrix products and row arithmetic they share, and
+//!   [`bf16`]: products with bf16 operands for mixed-precision training.
 //!
 //! Each op returns `None` when it does not apply (another device or dtype), and the
 //! caller takes the graph of primitive ops, which is also the reference the tests
@@ -22,6 +23,7 @@
 //! rayon (one thread when `RAYON_NUM_THREADS=1`).
 
 mod attention;
+mod bf16;
 mod linear;
 mod matmul;
 mod norm;
@@ -37,6 +39,8 @@ pub(crate) use attention::{cached_attention, causal_attention, heads, AttentionD
 pub(super) use attention::{CausalAttention, SavedMap};
 pub(crate) use linear::{few_rows_linear, linear};
 pub(super) use linear::{input_grad, input_grad_add, linear_rows, linear_rows_add, weight_grad};
+pub(crate) use bf16::has_bf16_kernel;
+pub(crate) use matmul::Products;
 pub(crate) use norm::rms_norm;
 pub(super) use norm::{rms_norm_grad, rms_norm_rows};
 pub(crate) use rows::log_softmax_rows;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{matmul_on, parallelism, row_major};
+use super::matmul::{matmul_on, parallelism, row_major, Products};
 use super::rows::{exp, max_of, softmax_in_place, sum_exp_shifted};
 use super::{applies, slice, with_host};
 use crate::simd::simd_kernel;
@@ -125,7 +125,7 @@ pub(crate) fn projected_scores(x: &Tensor, w: &Tensor, targets: &[u32]) -> candl
             let cols = VOCAB_BLOCK.min(vocab - first);
             let block = row_major(&w[first * c..(first + cols) * c], c);
             let logits = &mut logits[..n * cols];
-            matmul_on(parallelism(n * c * cols), logits, cols, false, row_major(x, c), block.t(), 1.0);
+            matmul_on(Products::F32, parallelism(n * c * cols), logits, cols, false, row_major(x, c), block.t(), 1.0);
             logits
                 .par_chunks(cols)
                 .zip(running.par_iter_mut().zip(targets.par_iter()))
