@@ -126,9 +126,10 @@ pub struct TrainSection {
     pub checkpoint_every: u64,
     /// Write a metrics line and report progress every N steps.
     pub log_every: u64,
-    /// "auto" (bf16-mixed on a GPU, f32 on the CPU), "f32" or "bf16-mixed" (on the CPU:
-    /// the linear layers' products with bf16 operands and f32 sums, in the hand-written
-    /// pass of the Llama recipe).
+    /// "auto", "f32" or "bf16-mixed". On the CPU bf16-mixed is the hand-written pass of
+    /// the Llama recipe with bf16 operands and f32 sums in its linear layers' products;
+    /// "auto" is bf16-mixed on a GPU and, for that recipe, on a CPU with AVX512-BF16,
+    /// f32 otherwise.
     pub precision: String,
     /// Keep only each block's input for the backward pass and recompute the rest
     /// (activation checkpointing): much less activation memory for about a third more
@@ -304,8 +305,9 @@ pub enum Precision {
 }
 
 impl TrainSection {
-    /// The precision to train in on `device`: "auto" is bf16-mixed on a GPU, f32 on the
-    /// CPU (where bf16-mixed is for the hand-written pass of the Llama recipe only).
+    /// The precision `device` gives this setting: "auto" is bf16-mixed on a GPU, f32 on
+    /// the CPU (where the trainer takes bf16-mixed instead for the Llama recipe on a CPU
+    /// with AVX512-BF16).
     pub fn precision_on(&self, device: &candle_core::Device) -> Precision {
         match (self.precision.as_str(), device.is_cpu()) {
             ("f32", _) | ("auto", true) => Precision::F32,

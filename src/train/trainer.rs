@@ -27,7 +27,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::batches::{derive_seed, sample_batch};
 use super::checkpoint::{self, CheckpointState, CHECKPOINT_FILE};
-use super::config::{Precision, TrainSetup};
+use super::config::{Precision, TrainSection, TrainSetup};
 use super::metrics::{self, MetricsLog, StepRecord, METRICS_FILE};
 use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::{LrSchedule, Schedule};
@@ -232,6 +232,54 @@ fn init_vars(varmap: &VarMap, cfg: &ModelConfig, seed: u64) -> Result<Vec<(Strin
     Ok(vars)
 }
 
+/// The precision a run trains in, and the hand-written pass that replaces candle's
+/// autograd where it applies: the plain Llama recipe on the CPU, without checkpointed
+/// activations (they recompute through autograd). Mixed precision on the CPU is that
+/// pass with bf16 products, since candle's own CPU bf16 products are slow and some of
+/// their gradients missing; "auto" takes it where the CPU multiplies bf16 pairs
+/// (AVX512-BF16), as it takes bf16-mixed on a GPU.
+fn training_pass(
+    train: &TrainSection,
+    cfg: &ModelConfig,
+    vars: &[(String, Var)],
+    device: &Device,
+) -> Result<(Precision, Option<LlamaBackprop>)> {
+    let precision = train.precision_on(device);
+    if !device.is_cpu() {
+        return Ok((precision, None));
+    }
+    let pass = |products| match train.checkpoint_activations {
+        true => None,
+        false => LlamaBackprop::new(cfg, vars, products),
+    };
+    if train.precision == "auto" && has_bf16_kernel() {
+        if let Some(backprop) = pass(Products::Bf16) {
+            return Ok((Precision::Bf16Mixed, Some(backprop)));
+        }
+    }
+    match precision {
+        Precision::F32 => Ok((precision, pass(Products::F32))),
+        Precision::Bf16Mixed => {
+            let backprop = pass(Products::Bf16).ok_or_else(|| {
+                config_error(
+                    "train.precision",
+                    "\"bf16-mixed\" on the CPU needs the plain Llama recipe (RMSNorm before each \
+                     sublayer, RoPE, SwiGLU, no biases, no dropout) with checkpoint_activations = \
+                     false; train this model in \"f32\""
+                        .into(),
+                )
+            })?;
+            if !has_bf16_kernel() {
+                tracing::warn!(
+                    "this CPU has no AVX512-BF16: bf16-mixed rounds the operands and multiplies in \
+                     f32 (the same values, slower than precision = \"f32\")"
+                );
+            }
+            Ok((precision, Some(backprop)))
+        }
+    }
+}
+
 /// The model a step runs: the f32 model itself, or its bf16 copy under mixed precision.
 fn step_model<'a>(
     model: &'a Transformer,
@@ -372,8 +420,6 @@ pub fn run_with_control(
             }
         }
     }
-    let precision = train.precision_on(device);
-
     // Parameters: f32 variables, seeded.
     let varmap = VarMap::new();
     let model = Transformer::load(VarBuilder::from_varmap(&varmap, DType::F32, device), &cfg)?;
@@ -389,32 +435,7 @@ pub fn run_with_control(
         .vars()
         .map(|(n, v)| (n.to_string(), v.clone()))
         .collect();
-    // The plain Llama recipe in f32 on the CPU trains through the hand-written pass;
-    // checkpointed activations (recomputed to save memory) go through autograd.
-    // Mixed precision on the CPU is that pass with bf16 products: candle's own CPU bf16
-    // products are slow and some of their gradients missing.
-    let backprop = match (precision, train.checkpoint_activations, device.is_cpu()) {
-        (Precision::F32, false, _) => LlamaBackprop::new(&cfg, &vars, Products::F32),
-        (Precision::Bf16Mixed, false, true) => LlamaBackprop::new(&cfg, &vars, Products::Bf16),
-        _ => None,
-    };
-    if precision == Precision::Bf16Mixed && device.is_cpu() {
-        if backprop.is_none() {
-            return Err(config_error(
-                "train.precision",
-                "\"bf16-mixed\" on the CPU needs the plain Llama recipe (RMSNorm before each \
-                 sublayer, RoPE, SwiGLU, no biases, no dropout) with checkpoint_activations = \
-                 false; train this model in \"f32\""
-                    .into(),
-            ));
-        }
-        if !has_bf16_kernel() {
-            tracing::warn!(
-                "this CPU has no AVX512-BF16: bf16-mixed rounds the operands and multiplies in f32 \
-                 (the same values, slower than precision = \"f32\")"
-            );
-        }
-    }
+    let (precision, backprop) = training_pass(train, &cfg, &vars, device)?;
     tracing::debug!("backward pass: {}", if backprop.is_some() { "hand-written" } else { "autograd" });
     let schedule = LrSchedule {
         schedule: match train.schedule.as_str() {
