@@ -298,8 +298,15 @@ mod avx512 {
         let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
         let left = Lines { data: lhs.data, outer: m, os: lhs.rs, is: lhs.cs };
         let right = Lines { data: rhs.data, outer: n, os: rhs.cs, is: rhs.rs };
-        let mut packed_b = vec![0u32; KC / 2 * NC.min(n.next_multiple_of(NR))];
-        let mut packed_a = vec![0u32; KC / 2 * MC.min(m.next_multiple_of(MR))];
+        // Each thread keeps its packing buffers from product to product: zeroing fresh
+        // ones would cost a pass over a quarter megabyte for every product.
+        thread_local! {
+            static PACKED: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        let mut buffers = PACKED.with(|packed| packed.take());
+        let (packed_a, packed_b) = &mut buffers;
+        packed_a.resize(packed_a.len().max(KC / 2 * MC.min(m.next_multiple_of(MR))), 0);
+        packed_b.resize(packed_b.len().max(KC / 2 * NC.min(n.next_multiple_of(NR))), 0);
         if k == 0 && !accumulate {
             for r in 0..m {
                 std::ptr::write_bytes(dst.add(r * dst_rs), 0, n);
@@ -337,6 +344,7 @@ mod avx512 {
                 }
             }
         }
+        PACKED.with(|packed| packed.replace(buffers));
     }
 }
 
