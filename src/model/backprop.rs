@@ -102,7 +102,8 @@ pub(crate) struct LlamaBackprop {
     final_norm: usize,
     /// `None` when the output projection is the embedding (tied weights).
     lm_head: Option<usize>,
-    /// The arithmetic of the linear layers' products, forward and backward.
+    /// The arithmetic of the products (the linear layers' and attention's), forward and
+    /// backward.
     products: Products,
     scratch: Scratch,
 }
@@ -111,8 +112,8 @@ impl LlamaBackprop {
     /// The pass for a model of `cfg` whose weights are `vars` (named as
     /// [`super::Transformer::named_tensors`] names them), or `None` where it does not
     /// apply: another architecture, dropout, biases, another dtype or device, or
-    /// variables it does not know (candle's autograd then trains the model). The linear
-    /// layers' products run in the arithmetic `products` names; everything else in f32.
+    /// variables it does not know (candle's autograd then trains the model). The
+    /// products run in the arithmetic `products` names; everything else in f32.
     pub(crate) fn new(cfg: &ModelConfig, vars: &[(String, Var)], products: Products) -> Option<LlamaBackprop> {
         let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         if !cfg.is_llama()
@@ -223,7 +224,8 @@ impl LlamaBackprop {
         let w = |index: usize| weights[index];
         let (c, f, eps) = (self.width, self.hidden, self.eps);
         let (q_width, kv_width) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let attention = CausalAttention::new(self.heads, self.kv_heads, self.head_dim, Some(self.rope.clone()));
+        let attention = CausalAttention::new(self.heads, self.kv_heads, self.head_dim, Some(self.rope.clone()))
+            .with_products(self.products);
 
         // The attention weights, (t, t) per head, are kept for the backward pass while
         // they take no more memory than four copies of the residual stream; longer

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{matmul, Strided};
+use super::matmul::{matmul, matmul_on, Products, Strided};
 use super::rows::{axpy, dot, softmax_in_place};
 use super::{applies, slice, with_host};
 use crate::simd::simd_kernel;
@@ -31,6 +31,8 @@ pub(crate) struct CausalAttention {
     head_dim: usize,
     rope: Option<RopeTables>,
     dropout: Option<AttentionDropout>,
+    /// The arithmetic of its products (f32 but in mixed-precision training).
+    products: Products,
 }
 
 /// Dropout on the attention weights (training): weight (i, j) of head `head` in batch
@@ -75,7 +77,19 @@ impl CausalAttention {
     /// Attention over `heads` query heads sharing `kv_heads` key/value heads of width
     /// `head_dim`, rotated by `rope` when given, without dropout.
     pub(crate) fn new(heads: usize, kv_heads: usize, head_dim: usize, rope: Option<RopeTables>) -> Self {
-        CausalAttention { heads, kv_heads, head_dim, rope, dropout: None }
+        CausalAttention { heads, kv_heads, head_dim, rope, dropout: None, products: Products::F32 }
+    }
+
+    /// The same attention with its products in the arithmetic `products` names.
+    pub(crate) fn with_products(self, products: Products) -> Self {
+        CausalAttention { products, ..self }
+    }
+
+    /// `dst = scale * lhs rhs` (or `+=` with `accumulate`) in this attention's
+    /// arithmetic, on the calling thread: heads run in parallel.
+    #[inline(always)]
+    fn matmul(&self, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: Strided, rhs: Strided, scale: f32) {
+        matmul_on(self.products, gemm::Parallelism::None, dst, dst_rs, accumulate, lhs, rhs, scale)
     }
 
     fn dims(&self, q_len: usize, k_len: usize, t: usize) -> candle_core::Result<Dims> {
@@ -368,13 +382,24 @@ fn causal_softmax(row: &mut [f32], i: usize) {
 
 /// The attention weights of one head's query rows at `positions`, `q_rows` (one row of
 /// `d` per position) and keys `kh` (d wide, one row per position from 0) rotated, into
-/// the first `positions.end` columns of `p` (one row per query, `rs` apart).
+/// the first `positions.end` columns of `p` (one row per query, `rs` apart), the
+/// product in the arithmetic `products` names.
 #[inline(always)]
-fn block_weights(q_rows: &[f32], kh: &[f32], d: usize, positions: std::ops::Range<usize>, scale: f32, p: &mut [f32], rs: usize) {
+#[allow(clippy::too_many_arguments)]
+fn block_weights(
+    products: Products,
+    q_rows: &[f32],
+    kh: &[f32],
+    d: usize,
+    positions: std::ops::Range<usize>,
+    scale: f32,
+    p: &mut [f32],
+    rs: usize,
+) {
     let (first, rows, keys) = (positions.start, positions.len(), positions.end);
     let q_block = Strided { data: q_rows, rows, cols: d, rs: d, cs: 1 };
     let k_t = Strided { data: kh, rows: d, cols: keys, rs: 1, cs: d };
-    matmul(p, rs, false, q_block, k_t, scale);
+    matmul_on(products, gemm::Parallelism::None, p, rs, false, q_block, k_t, scale);
     for r in 0..rows {
         causal_softmax(&mut p[r * rs..][..keys], first + r);
     }
@@ -419,13 +444,13 @@ simd_kernel! {
                 true => (&mut p[i0 * t..], t),
                 false => (&mut p[..rows * keys], keys),
             };
-            block_weights(&qh[i0 * d..], &kh, d, i0..keys, scale, block, rs);
+            block_weights(op.products, &qh[i0 * d..], &kh, d, i0..keys, scale, block, rs);
             if let Some(dropout) = &op.dropout {
                 dropout.apply(map, t, i0, keys, block);
             }
             let weights = Strided { data: block, rows, cols: keys, rs, cs: 1 };
             let values = Strided { data: &v[kv_head * d..], rows: keys, cols: d, rs: g * d, cs: 1 };
-            matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
+            op.matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
         }
         if let Some(keep) = keep {
             *keep = SavedMap { qh, kh, weights: p };
@@ -485,7 +510,7 @@ simd_kernel! {
                     Some(maps) => (&maps[head].weights[i0 * t..], t),
                     None => {
                         let p = &mut p[..rows * keys];
-                        block_weights(&qh[i0 * d..], kh, d, i0..keys, scale, p, keys);
+                        block_weights(op.products, &qh[i0 * d..], kh, d, i0..keys, scale, p, keys);
                         (p, keys)
                     }
                 };
@@ -493,7 +518,7 @@ simd_kernel! {
                 let d_out = Strided { data: &d_o[(i0 * h + head) * d..], rows, cols: d, rs: h * d, cs: 1 };
                 // dP = dO V^T.
                 let v_t = Strided { data: &v[kv_head * d..], rows: d, cols: keys, rs: 1, cs: g * d };
-                matmul(ds, keys, false, d_out, v_t, 1.0);
+                op.matmul(ds, keys, false, d_out, v_t, 1.0);
                 let mut weighted = Strided { data: weights, rows, cols: keys, rs, cs: 1 };
                 if let Some(dropout) = &op.dropout {
                     // Through the mask: the gradient of the weights before dropout.
@@ -517,10 +542,10 @@ simd_kernel! {
                 let scores_grad = Strided { data: ds, rows, cols: keys, rs: keys, cs: 1 };
                 // dQ = dS K, dK += dS^T Q, dV += P^T dO.
                 let k_rows = Strided { data: kh, rows: keys, cols: d, rs: d, cs: 1 };
-                matmul(&mut dqh[i0 * d..], d, false, scores_grad, k_rows, 1.0);
+                op.matmul(&mut dqh[i0 * d..], d, false, scores_grad, k_rows, 1.0);
                 let q_block = Strided { data: &qh[i0 * d..], rows, cols: d, rs: d, cs: 1 };
-                matmul(&mut grads.dk, d, true, scores_grad.t(), q_block, 1.0);
-                matmul(&mut grads.dv, d, true, weighted.t(), d_out, 1.0);
+                op.matmul(&mut grads.dk, d, true, scores_grad.t(), q_block, 1.0);
+                op.matmul(&mut grads.dv, d, true, weighted.t(), d_out, 1.0);
             }
         }
     }
@@ -550,7 +575,7 @@ simd_kernel! {
             let rows = BLOCK.min(t - i0);
             let keys = offset + i0 + rows;
             let p = &mut p[..rows * keys];
-            block_weights(&qh[i0 * d..], kh, d, offset + i0..keys, scale, p, keys);
+            block_weights(Products::F32, &qh[i0 * d..], kh, d, offset + i0..keys, scale, p, keys);
             let weights = Strided { data: p, rows, cols: keys, rs: keys, cs: 1 };
             let values = Strided { data: vh, rows: keys, cols: d, rs: d, cs: 1 };
             matmul(&mut out[i0 * d..], d, false, weights, values, 1.0);
@@ -616,6 +641,7 @@ pub(crate) fn causal_attention(
         head_dim,
         rope,
         dropout,
+        products: Products::F32,
     };
     Ok(Some(q.contiguous()?.apply_op3(
         &k.contiguous()?,
