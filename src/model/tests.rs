@@ -929,6 +929,22 @@ fn trainable(cfg: &ModelConfig) -> (Transformer, Vec<(String, Var)>) {
     (model, vars)
 }
 
+/// `b` rows of `t` random input ids (from `seed`) with their next ids as targets, and
+/// the mean cross-entropy candle's graph computes for them (the autograd reference).
+fn autograd_loss(model: &Transformer, cfg: &ModelConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<u32>, Tensor) {
+    let ids = random_ids(b, t + 1, cfg.vocab_size, seed);
+    let rows: Vec<&[u32]> = ids.chunks(t + 1).collect();
+    let inputs: Vec<u32> = rows.iter().flat_map(|row| &row[..t]).copied().collect();
+    let targets: Vec<u32> = rows.iter().flat_map(|row| &row[1..]).copied().collect();
+    let input_ids = Tensor::from_vec(inputs.clone(), (b, t), &Device::Cpu).unwrap();
+    let target_ids = Tensor::from_vec(targets.clone(), b * t, &Device::Cpu).unwrap();
+    let logits = model.forward_train(&input_ids, &DropoutRng::new(0), None).unwrap();
+    let loss = fused_cross_entropy(&logits.reshape((b * t, cfg.vocab_size)).unwrap(), &target_ids)
+        .unwrap()
+        .unwrap();
+    (inputs, targets, loss)
+}
+
 #[test]
 fn hand_written_backprop_matches_autograd() {
     let variants = [
@@ -944,17 +960,7 @@ fn hand_written_backprop_matches_autograd() {
     for ((name, cfg), t) in variants.into_iter().flat_map(|v| [(v.clone(), 9), (v, 40)]) {
         let (model, vars) = trainable(&cfg);
         let (b, scale) = (3, 0.5);
-        let ids = random_ids(b, t + 1, cfg.vocab_size, 17);
-        let rows: Vec<&[u32]> = ids.chunks(t + 1).collect();
-        let inputs: Vec<u32> = rows.iter().flat_map(|row| &row[..t]).copied().collect();
-        let targets: Vec<u32> = rows.iter().flat_map(|row| &row[1..]).copied().collect();
-
-        let input_ids = Tensor::from_vec(inputs.clone(), (b, t), &Device::Cpu).unwrap();
-        let target_ids = Tensor::from_vec(targets.clone(), b * t, &Device::Cpu).unwrap();
-        let logits = model.forward_train(&input_ids, &DropoutRng::new(0), None).unwrap();
-        let loss = fused_cross_entropy(&logits.reshape((b * t, cfg.vocab_size)).unwrap(), &target_ids)
-            .unwrap()
-            .unwrap();
+        let (inputs, targets, loss) = autograd_loss(&model, &cfg, b, t, 17);
         let expected = (&loss * scale).unwrap().backward().unwrap();
 
         let backprop = backprop::LlamaBackprop::new(&cfg, &vars, fused::Products::F32).expect("a Llama model");
@@ -1001,24 +1007,15 @@ fn bf16_backprop_stays_within_bf16_rounding_of_autograd() {
             .collect();
         var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap()).unwrap();
     }
-    let (b, t) = (3, 9);
-    let ids = random_ids(b, t + 1, cfg.vocab_size, 23);
-    let rows: Vec<&[u32]> = ids.chunks(t + 1).collect();
-    let inputs: Vec<u32> = rows.iter().flat_map(|row| &row[..t]).copied().collect();
-    let targets: Vec<u32> = rows.iter().flat_map(|row| &row[1..]).copied().collect();
-    let input_ids = Tensor::from_vec(inputs.clone(), (b, t), &Device::Cpu).unwrap();
-    let target_ids = Tensor::from_vec(targets.clone(), b * t, &Device::Cpu).unwrap();
-    let logits = model.forward_train(&input_ids, &DropoutRng::new(0), None).unwrap();
-    let loss = fused_cross_entropy(&logits.reshape((b * t, cfg.vocab_size)).unwrap(), &target_ids)
-        .unwrap()
-        .unwrap();
+    let t = 9;
+    let (inputs, targets, loss) = autograd_loss(&model, &cfg, 3, t, 23);
     let expected = loss.backward().unwrap();
     let reference = loss.to_scalar::<f32>().unwrap();
 
     let backprop = backprop::LlamaBackprop::new(&cfg, &vars, fused::Products::Bf16).expect("a Llama model");
     let (ours, grads) = backprop.loss_and_grads(&vars, &inputs, &targets, t, 1.0).unwrap();
     assert!((ours - reference).abs() < 1e-2 * reference, "loss {ours} against {reference}");
-    let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    let norm = |x: &Tensor| x.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
     let mut largest_relative = 0f32;
     for ((name, var), grad) in vars.iter().zip(&grads) {
         let autograd = expected.get(var.as_tensor()).unwrap();
