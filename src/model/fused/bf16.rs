@@ -173,22 +173,23 @@ mod avx512 {
         let lines = W.min(v.outer.saturating_sub(o0));
         debug_assert!(dst.len() >= pairs * W);
         if v.is == 1 {
-            // Each line is contiguous: convert 32 entries (16 pairs) at a time and
-            // spread the pairs over the panel.
-            let mut words = [0u32; 16];
-            for o in 0..W {
-                if o >= lines {
-                    (0..pairs).for_each(|p| dst[p * W + o] = 0);
-                    continue;
-                }
-                let line = &v.data[(o0 + o) * v.os + i0..][..kc];
-                for (chunk, q0) in line.chunks(32).zip((0..).step_by(16)) {
-                    let lo = load_masked(chunk, 0);
-                    let hi = load_masked(chunk, 16);
-                    let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                    _mm512_storeu_si512(words.as_mut_ptr().cast(), packed);
-                    for (q, &word) in words.iter().enumerate().take(chunk.len().div_ceil(2)) {
-                        dst[(q0 + q) * W + o] = word;
+            // Each line is contiguous: for 16 lines at a time, 32 entries (16 pairs) of
+            // each become one vector of pairs, and the 16 x 16 block of pairs is
+            // transposed so that each pair's words for the 16 lines go out in one store.
+            for first in (0..W).step_by(16) {
+                let group = (W - first).min(16);
+                let store = ((1u32 << group) - 1) as __mmask16;
+                for start in (0..kc).step_by(32) {
+                    let mut block = [_mm512_setzero_si512(); 16];
+                    for (l, row) in block.iter_mut().enumerate().take(group.min(lines.saturating_sub(first))) {
+                        let chunk = &v.data[(o0 + first + l) * v.os + i0 + start..][..(kc - start).min(32)];
+                        let pairs = _mm512_cvtne2ps_pbh(load_masked(chunk, 16), load_masked(chunk, 0));
+                        *row = std::mem::transmute::<__m512bh, __m512i>(pairs);
+                    }
+                    let block = transpose_16x16(block);
+                    for (q, words) in block.iter().enumerate().take((kc - start).min(32).div_ceil(2)) {
+                        let at = (start / 2 + q) * W + first;
+                        _mm512_mask_storeu_epi32(dst[at..at + group].as_mut_ptr().cast(), store, *words);
                     }
                 }
             }
@@ -221,6 +222,40 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// The transpose of a 16 x 16 block of 32-bit words, one row per vector: 32-bit
+    /// and 64-bit interleaves within each 128-bit lane, then two rounds of lane
+    /// shuffles.
+    #[inline(always)]
+    unsafe fn transpose_16x16(rows: [__m512i; 16]) -> [__m512i; 16] {
+        let mut a = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            a[2 * k] = _mm512_unpacklo_epi32(rows[2 * k], rows[2 * k + 1]);
+            a[2 * k + 1] = _mm512_unpackhi_epi32(rows[2 * k], rows[2 * k + 1]);
+        }
+        // b[4k + c], lane l: column 4l + c of rows 4k..4k + 4.
+        let mut b = [_mm512_setzero_si512(); 16];
+        for k in 0..4 {
+            b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+            b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+            b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+            b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+        }
+        // Column 4l + c is lane l of b[c], b[4 + c], b[8 + c], b[12 + c].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            // Lanes 0, 1 (e0, f0) and 2, 3 (e1, f1) of two vectors side by side.
+            let e0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(b[c], b[4 + c]);
+            let e1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(b[c], b[4 + c]);
+            let f0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(b[8 + c], b[12 + c]);
+            let f1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(b[8 + c], b[12 + c]);
+            out[c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(e0, f0);
+            out[4 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(e0, f0);
+            out[8 + c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(e1, f1);
+            out[12 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(e1, f1);
+        }
+        out
     }
 
     /// Up to 16 entries of `line` from `start`, zeros past its end.
