@@ -154,8 +154,7 @@ mod avx512 {
     use super::{bf16_bits, Strided, KC, MC, MR, NC, NR};
 
     /// One operand seen as `outer` lines (rows of the left operand, columns of the
-    /// right one) of `depth` entries along the inner dimension: entry (o, i) is
-    /// `data[o * os + i * is]`.
+    /// right one) along the inner dimension: entry (o, i) is `data[o * os + i * is]`.
     #[derive(Clone, Copy)]
     struct Lines<'a> {
         data: &'a [f32],
@@ -208,7 +207,8 @@ mod avx512 {
                     let hi = widen(_mm512_cvtneps_pbh(load_masked(odd, start)));
                     let words = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
                     let mask = ((1u32 << width) - 1) as __mmask16;
-                    _mm512_mask_storeu_epi32(dst[p * W + start..].as_mut_ptr().cast(), mask, words);
+                    let at = p * W + start;
+                    _mm512_mask_storeu_epi32(dst[at..at + width].as_mut_ptr().cast(), mask, words);
                 }
             }
         } else {
