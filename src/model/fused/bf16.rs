@@ -9,23 +9,11 @@
 //! the same values up to the order of the sums.
 //!
 //! The kernel follows the layout of Goto and van de Geijn (2008): a block of the right
-//! operand packed into panels of [`NR`] columns, a block of the left one into panels
-//! of [`MR`] rows, both as bf16 pairs along the inner dimension, and a register tile of
-//! `MR` x `NR` f32 sums that runs over the pairs of a [`KC`]-deep block.
+//! operand packed into panels of `NR` columns, a block of the left one into panels
+//! of `MR` rows, both as bf16 pairs along the inner dimension, and a register tile of
+//! `MR` x `NR` f32 sums that runs over the pairs of a `KC`-deep block.
 
 use super::matmul::{gemm_into, Strided};
-
-/// Rows of the register tile.
-const MR: usize = 12;
-/// Columns of the register tile: two vectors of 16 f32 lanes.
-const NR: usize = 32;
-/// Inner dimension of one packed block (an even number): a panel of the right operand,
-/// `KC / 2` pairs by [`NR`] columns, takes 16 KiB and stays in L1.
-const KC: usize = 256;
-/// Columns of one packed block of the right operand (256 KiB at most, in L2).
-const NC: usize = 512;
-/// Rows of one packed block of the left operand.
-const MC: usize = 96;
 
 /// `x` rounded to bf16 (to nearest, ties to even), as its 16 bits. Like
 /// `VCVTNEPS2BF16`, subnormal inputs become zero of the same sign and NaN stays NaN.
@@ -85,37 +73,12 @@ pub(super) unsafe fn bf16_into(
         unsafe { rounded_product(parallelism, dst, dst_rs, accumulate, lhs, rhs, scale) };
         return;
     }
-    // Contiguous bands of rows, a whole number of tiles each, one per thread.
-    let threads = match parallelism {
-        gemm::Parallelism::Rayon(t) => t.max(1),
-        _ => 1,
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as the caller promised; the CPU has AVX512-BF16 (checked above).
+    unsafe {
+        avx512::banded(parallelism, dst, dst_rs, accumulate, lhs, rhs, scale)
     };
-    let band = m.div_ceil(threads).next_multiple_of(MR);
-    if band >= m {
-        // SAFETY: as the caller promised; the CPU has AVX512-BF16 (checked above).
-        unsafe { avx512::product(dst, dst_rs, accumulate, lhs, rhs, scale) };
-        return;
-    }
-    let dst = SendPtr(dst);
-    rayon::scope(|scope| {
-        for first in (0..m).step_by(band) {
-            let rows = band.min(m - first);
-            let lhs = Strided { data: &lhs.data[first * lhs.rs..], rows, ..lhs };
-            let dst = &dst;
-            scope.spawn(move |_| {
-                // SAFETY: each band writes its own rows of `dst`, inside what the
-                // caller promised; the CPU has AVX512-BF16 (checked above).
-                unsafe { avx512::product(dst.0.add(first * dst_rs), dst_rs, accumulate, lhs, rhs, scale) };
-            });
-        }
-    });
 }
-
-/// A destination pointer that the row bands of one product share; each writes rows of
-/// its own.
-struct SendPtr(*mut f32);
-// SAFETY: the bands write disjoint rows (see `bf16_into`).
-unsafe impl Sync for SendPtr {}
 
 /// [`bf16_into`] without the AVX512-BF16 kernel: the operands rounded to bf16 into f32
 /// copies, then the f32 product.
@@ -151,7 +114,66 @@ fn rounded(v: Strided) -> Vec<f32> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{bf16_bits, Strided, KC, MC, MR, NC, NR};
+    use super::{bf16_bits, Strided};
+
+    /// Rows of the register tile.
+    const MR: usize = 12;
+    /// Columns of the register tile: two vectors of 16 f32 lanes.
+    const NR: usize = 32;
+    /// Inner dimension of one packed block (an even number): a panel of the right operand,
+    /// `KC / 2` pairs by [`NR`] columns, takes 16 KiB and stays in L1.
+    const KC: usize = 256;
+    /// Columns of one packed block of the right operand (256 KiB at most, in L2).
+    const NC: usize = 512;
+    /// Rows of one packed block of the left operand.
+    const MC: usize = 96;
+
+    /// [`super::bf16_into`] on the kernel: contiguous bands of rows, a whole number of
+    /// tiles each, one per thread of `parallelism`.
+    ///
+    /// # Safety
+    /// As [`super::bf16_into`]'s, and the CPU must have AVX512F, AVX512BW and AVX512-BF16.
+    pub(super) unsafe fn banded(
+        parallelism: gemm::Parallelism,
+        dst: *mut f32,
+        dst_rs: usize,
+        accumulate: bool,
+        lhs: Strided,
+        rhs: Strided,
+        scale: f32,
+    ) {
+        let m = lhs.rows;
+        let threads = match parallelism {
+            gemm::Parallelism::Rayon(t) => t.max(1),
+            _ => 1,
+        };
+        let band = m.div_ceil(threads).next_multiple_of(MR);
+        if band >= m {
+            // SAFETY: as the caller promised.
+            unsafe { product(dst, dst_rs, accumulate, lhs, rhs, scale) };
+            return;
+        }
+        let dst = SendPtr(dst);
+        rayon::scope(|scope| {
+            for first in (0..m).step_by(band) {
+                let rows = band.min(m - first);
+                let lhs = Strided { data: &lhs.data[first * lhs.rs..], rows, ..lhs };
+                let dst = &dst;
+                scope.spawn(move |_| {
+                    // SAFETY: each band writes its own rows of `dst`, inside what the
+                    // caller promised.
+                    unsafe { product(dst.0.add(first * dst_rs), dst_rs, accumulate, lhs, rhs, scale) };
+                });
+            }
+        });
+    }
+
+    /// A destination pointer that the row bands of one product share; each writes rows
+    /// of its own.
+    struct SendPtr(*mut f32);
+    // SAFETY: the bands write disjoint rows (see `banded`).
+    unsafe impl Sync for SendPtr {}
+
 
     /// One operand seen as `outer` lines (rows of the left operand, columns of the
     /// right one) along the inner dimension: entry (o, i) is `data[o * os + i * is]`.
