@@ -109,24 +109,30 @@ pub(crate) struct LlamaBackprop {
 }
 
 impl LlamaBackprop {
+    /// Whether the pass can train a model of `cfg`: the plain Llama recipe (RMSNorm
+    /// before each sublayer, RoPE, SwiGLU), no dropout, no biases.
+    pub(crate) fn takes(cfg: &ModelConfig) -> bool {
+        let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
+        cfg.is_llama()
+            && cfg.dropout == 0.0
+            && !cfg.attention_bias
+            && !cfg.mlp_bias
+            && heads > 0
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && head_dim.is_multiple_of(2)
+    }
+
     /// The pass for a model of `cfg` whose weights are `vars` (named as
     /// [`super::Transformer::named_tensors`] names them), or `None` where it does not
     /// apply: another architecture, dropout, biases, another dtype or device, or
     /// variables it does not know (candle's autograd then trains the model). The
     /// products run in the arithmetic `products` names; everything else in f32.
     pub(crate) fn new(cfg: &ModelConfig, vars: &[(String, Var)], products: Products) -> Option<LlamaBackprop> {
-        let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
-        if !cfg.is_llama()
-            || cfg.dropout != 0.0
-            || cfg.attention_bias
-            || cfg.mlp_bias
-            || heads == 0
-            || kv_heads == 0
-            || !heads.is_multiple_of(kv_heads)
-            || !head_dim.is_multiple_of(2)
-        {
+        if !Self::takes(cfg) {
             return None;
         }
+        let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         let (c, f, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let find = |name: &str, shape: &[usize]| {
             vars.iter().position(|(n, var)| {

@@ -127,7 +127,7 @@ pub struct TrainSection {
     /// Write a metrics line and report progress every N steps.
     pub log_every: u64,
     /// "auto", "f32" or "bf16-mixed". On the CPU bf16-mixed is the hand-written pass of
-    /// the Llama recipe with bf16 operands and f32 sums in its linear layers' products;
+    /// the Llama recipe with bf16 operands and f32 sums in its products;
     /// "auto" is bf16-mixed on a GPU and, for that recipe, on a CPU with AVX512-BF16,
     /// f32 otherwise.
     pub precision: String,

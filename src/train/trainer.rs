@@ -13,7 +13,7 @@
 //! With `precision = bf16-mixed` the weights and AdamW stay in f32. On a GPU each step
 //! runs the model on a bf16 copy (`to_dtype` is differentiable, so the gradients arrive
 //! in f32), as PyTorch's autocast does; on the CPU the hand-written pass multiplies
-//! bf16-rounded operands with f32 sums in its linear layers.
+//! bf16-rounded operands with f32 sums in its products.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -260,15 +260,7 @@ fn training_pass(
     match precision {
         Precision::F32 => Ok((precision, pass(Products::F32))),
         Precision::Bf16Mixed => {
-            let backprop = pass(Products::Bf16).ok_or_else(|| {
-                config_error(
-                    "train.precision",
-                    "\"bf16-mixed\" on the CPU needs the plain Llama recipe (RMSNorm before each \
-                     sublayer, RoPE, SwiGLU, no biases, no dropout) with checkpoint_activations = \
-                     false; train this model in \"f32\""
-                        .into(),
-                )
-            })?;
+            let backprop = pass(Products::Bf16).ok_or_else(cpu_mixed_precision_error)?;
             if !has_bf16_kernel() {
                 tracing::warn!(
                     "this CPU has no AVX512-BF16: bf16-mixed rounds the operands and multiplies in \
@@ -278,6 +270,34 @@ fn training_pass(
             Ok((precision, Some(backprop)))
         }
     }
+}
+
+/// Refuses bf16-mixed on the CPU for a model the hand-written pass does not train,
+/// from the configuration alone: before the run writes anything.
+fn check_cpu_mixed_precision(setup: &TrainSetup, device: &Device) -> Result<()> {
+    let train = &setup.train;
+    if !device.is_cpu() || train.precision != "bf16-mixed" {
+        return Ok(());
+    }
+    // The vocabulary is not known yet and does not matter here.
+    let cfg = setup
+        .model
+        .model_config(2, train.seq_len)
+        .map_err(|(key, message)| config_error(&key, message))?;
+    match !train.checkpoint_activations && LlamaBackprop::takes(&cfg) {
+        true => Ok(()),
+        false => Err(cpu_mixed_precision_error()),
+    }
+}
+
+fn cpu_mixed_precision_error() -> Error {
+    config_error(
+        "train.precision",
+        "\"bf16-mixed\" on the CPU needs the plain Llama recipe (RMSNorm before each sublayer, \
+         RoPE, SwiGLU, no biases, no dropout) with checkpoint_activations = false; train this \
+         model in \"f32\""
+            .into(),
+    )
 }
 
 /// The model a step runs: the f32 model itself, or its bf16 copy under mixed precision.
@@ -373,6 +393,7 @@ pub fn run_with_control(
     setup
         .validate()
         .map_err(|(key, message)| config_error(&key, message))?;
+    check_cpu_mixed_precision(setup, device)?;
     let train = &setup.train;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let checkpoint_path = out_dir.join(CHECKPOINT_FILE);

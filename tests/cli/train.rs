@@ -141,6 +141,7 @@ fn bf16_mixed_precision_trains_on_the_cpu_beside_f32() {
         .unwrap();
     let err = assert_one_line_error(&out);
     assert!(err.contains("train.precision"), "{err}");
+    assert!(!sandbox.path().join("layer-norm").exists(), "the refused run wrote its folder");
 }
 
 #[cfg(unix)]
